@@ -1,0 +1,92 @@
+"""
+Configuration: the defaults at the top of a script, then config files, then --key=value overrides.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+The defaults are the script's plain globals and their types are the schema: a config file or an
+override may only set a key that exists, to a value of the default's type. An int is fine where a
+float is expected (--learning_rate=1), and None where the default is None. Anything else fails with
+one line that names the key, the value and the expected type.
+"""
+
+import ast
+import difflib
+import os
+
+
+class ConfigError(ValueError):
+    """A bad config key or value: printed as one line (see runtime.install_error_hook)."""
+
+
+def _is_setting(name, value):
+    return not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
+
+
+def _check(key, value, defaults, where):
+    """Return value converted to the type of defaults[key], or raise ConfigError."""
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    default = defaults[key]
+    if default is None:
+        return value  # keys that default to None take any literal
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # --max_iters=5e3
+    if type(value) is expected:
+        return value
+    raise ConfigError(f"{where}: {key}={value!r} is a {type(value).__name__}, expected {expected.__name__} "
+                      f"(default {default!r})")
+
+
+def _parse(raw, default):
+    """Turn the text of --key=text into a Python value: a literal if it parses as one, else the text."""
+    if isinstance(default, str):
+        return raw  # a string setting takes the text as typed, even if it looks like a number
+    if isinstance(default, bool) and raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def configure(namespace, argv):
+    """
+    Apply config files and --key=value overrides in argv to the settings in `namespace` (a script's globals()),
+    in place. Returns (config, explicit): all settings as a dict, and the set of keys the user set.
+    """
+    defaults = {k: v for k, v in namespace.items() if _is_setting(k, v)}
+    explicit = set()
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("settings (override with --key=value, or in a config file):")
+            for k, v in defaults.items():
+                print(f"  --{k}={v!r}")
+            raise SystemExit(0)
+        if not arg.startswith("--"):  # a config file: Python that assigns settings
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} not found (settings are given as --key=value)")
+            with open(arg) as f:
+                source = f.read()
+            scope = dict(defaults)  # a config file may read the settings so far
+            exec(compile(source, arg, "exec"), scope)
+            for node in ast.parse(source).body:  # the names the file assigns at top level are what it sets
+                if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                    continue
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for k in (t.id for t in targets if isinstance(t, ast.Name) and not t.id.startswith("_")):
+                    defaults[k] = _check(k, scope[k], defaults, f"config file {arg}")
+                    explicit.add(k)
+        else:
+            if "=" not in arg:
+                raise ConfigError(f"{arg}: settings are given as --key=value")
+            key, raw = arg[2:].split("=", 1)
+            value = _parse(raw, defaults.get(key))
+            defaults[key] = _check(key, value, defaults, f"--{key}={raw}")
+            explicit.add(key)
+    namespace.update(defaults)
+    return dict(defaults), explicit

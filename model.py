@@ -1,0 +1,258 @@
+"""
+The GPT language model, in one file, read top to bottom.
+
+Parameter names follow OpenAI's GPT-2 (wte, wpe, c_attn, c_proj, ln_f) so that
+checkpoints convert key by key. References:
+1) OpenAI's GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face transformers' PyTorch implementation of GPT-2 (GPT2LMHeadModel)
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model sees (learned position table size)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+
+
+# GPT-2 checkpoints store these as Conv1D weights, (in, out): transposed relative to nn.Linear's (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1, and we keep the GPT-2 names)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so sampling feeds one new token per step."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens already cached
+
+    def update(self, layer, k, v):
+        """Store this step's (B, nh, T, hs) keys/values of `layer`; return all of them so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.layer = layer  # index into the KV cache
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            # a cache is filled by one prompt (T > 1, causal) then one token at a time (T == 1 sees everything)
+            assert T == 1 or kv_cache.length == 0, "feed the prompt once, then one token per step"
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_total, hs)
+        # flash attention where the device has it; causal mask only when queries start at position 0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's tanh approximation, for exact checkpoint parity
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output projection is the token embedding (https://paperswithcode.com/method/weight-tying)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; position embeddings are left out by default (token embeddings are tied to lm_head)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference needs only the last position: (B, 1, vocab_size)
+            loss = None
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length (e.g. load GPT-2 at 1024, train at 256) by cutting the position table."""
+        assert block_size <= self.config.block_size, f"can only crop: {block_size} > {self.config.block_size}"
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, override_args=None):
+        """OpenAI GPT-2 weights by hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local transformers folder."""
+        override_args = override_args or {}
+        assert set(override_args) <= {"dropout"}, "only dropout can be overridden when loading GPT-2"
+        from transformers import GPT2LMHeadModel  # only this path needs transformers, so import it here
+
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.layer_norm_epsilon != 1e-5 \
+                or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn or not c.scale_attn_weights:
+            raise ValueError(f"{name_or_path} is not a plain GPT-2 (activation, LayerNorm eps or attention scaling differ)")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, bias=True, dropout=override_args.get("dropout", 0.0))
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf.state_dict()
+        if not torch.equal(sd_hf["lm_head.weight"], sd_hf["transformer.wte.weight"]):
+            raise ValueError(f"{name_or_path} has an lm_head not tied to wte, which this GPT cannot hold")
+        for k, v in sd.items():  # same names; HF's extra keys are non-parameter buffers
+            src = sd_hf[k].t() if k.endswith(CONV1D_WEIGHTS) else sd_hf[k]
+            if src.shape != v.shape:
+                raise ValueError(f"{name_or_path}: {k} has shape {tuple(src.shape)}, expected {tuple(v.shape)}")
+            with torch.no_grad():
+                v.copy_(src)
+        return model
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm gains are not decayed
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW is one kernel per step, and it skips the update on device when `found_inf` is set (no host sync)
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter, plus attention (PaLM paper, appendix B)."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak FLOP/s (runtime.peak_flops)."""
+        return self.flops_per_token() * tokens_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, stop_token=None):
+        """
+        Continue each sequence of idx (B, T) by max_new_tokens tokens; call in eval mode.
+        temperature 0 is greedy; top_k keeps the k likeliest tokens; ids >= vocab_limit (vocab padding) are never
+        sampled; generation stops early once every sequence has produced stop_token.
+        """
+        kv_cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if idx.size(1) <= self.config.block_size:
+                if kv_cache is None:  # first step: run the whole prompt through once
+                    kv_cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(idx, kv_cache=kv_cache)
+                else:  # later steps: only the newest token
+                    logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
+            else:  # past block_size the positions shift, so the cropped context is run in full
+                logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()  # (B, vocab_size)
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = -float("inf")
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if stop_token is not None:
+                done |= idx_next.squeeze(1) == stop_token
+                if done.all():
+                    break
+        return idx

@@ -1,0 +1,141 @@
+"""
+Where and how a script runs: device, dtype and autocast, torch.compile, torchrun, peak FLOP/s, and clear errors.
+Shared by train.py, sample.py and bench.py.
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from configurator import ConfigError
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line saying what to do, exit code 1, no traceback."""
+
+
+def install_error_hook():
+    """Print UserError, ConfigError and CUDA out-of-memory as one line; anything else keeps its traceback."""
+    default_hook = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, (UserError, ConfigError)):
+            print(f"error: {exc}", file=sys.stderr)
+        elif issubclass(exc_type, torch.OutOfMemoryError):
+            print("error: out of GPU memory. Use a smaller --batch_size with a larger --gradient_accumulation_steps "
+                  "(same tokens per step), a smaller --block_size or model, or --dtype=bfloat16.", file=sys.stderr)
+        else:
+            default_hook(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def pick_device(requested="auto"):
+    """'auto' picks cuda, then mps, then cpu; anything else must name a device this machine has."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"unknown device '{requested}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={requested} but no CUDA GPU is visible to PyTorch: use --device=cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={requested} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={requested} but MPS (Apple silicon) is not available: use --device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device '{requested}': use auto, cpu, cuda, cuda:N or mps")
+    return requested
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(requested, device_type):
+    """'auto': bfloat16 on CUDA GPUs that have it, else float16 (with a grad scaler); float32 on cpu and mps."""
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested not in DTYPES:
+        raise UserError(f"unknown dtype '{requested}': use auto, float32, bfloat16 or float16")
+    return requested
+
+
+def autocast(device_type, dtype):
+    """Mixed precision for the forward pass; parameters and optimizer state stay float32."""
+    return nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+def setup_backends(device_type):
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def can_compile(device_type):
+    """torch.compile works on CUDA and CPU (it needs a C compiler there); not on MPS or Windows yet."""
+    return device_type in ("cuda", "cpu") and sys.platform != "win32"
+
+
+# ----------------------------------------------------------------------------- distributed (torchrun)
+
+def init_distributed(device):
+    """Join the torchrun process group if there is one. Returns (rank, local_rank, world_size, device)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or "RANK" not in os.environ:
+        return 0, 0, 1, device
+    import torch.distributed as dist
+
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return rank, local_rank, world_size, device
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s for MFU
+
+# dense bfloat16/float16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; longest name first
+GPU_PEAK_TFLOPS = [
+    ("GH200", 989), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989), ("B200", 2250),
+    ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A6000", 155), ("RTX 4090", 165),
+    ("RTX 3090", 71), ("V100", 125), ("T4", 65),
+]
+_measured_peaks = {}
+
+
+def peak_flops(device, dtype):
+    """(FLOP/s, where the number comes from): a data sheet for known GPUs, else a timed large matmul."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                scale = 0.5 if dtype == "float32" else 1.0  # float32 matmuls run as TF32 at half the bf16 rate
+                return tflops * 1e12 * scale, f"{name} data sheet"
+    key = (device, dtype)
+    if key not in _measured_peaks:
+        n, reps = (4096, 10) if device.startswith("cuda") else (1024, 5)
+        a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+        best = float("inf")
+        for _ in range(reps + 1):
+            synchronize(device)
+            t0 = time.perf_counter()
+            a @ a
+            synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        _measured_peaks[key] = 2 * n**3 / best
+    return _measured_peaks[key], f"measured {device} {dtype} matmul"
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    elif device.startswith("mps"):
+        torch.mps.synchronize()

@@ -1,0 +1,225 @@
+"""
+Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP).
+
+    python train.py config/train_shakespeare_char.py              # one device
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py   # 8 GPUs, one node
+
+Settings: the defaults below, then config files, then --key=value overrides (see configurator.py).
+"""
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+import checkpoint
+from batches import Batches
+from configurator import configure
+from model import GPT, GPTConfig
+from runtime import (UserError, autocast, can_compile, init_distributed, install_error_hook, peak_flops, pick_device,
+                     pick_dtype, setup_backends)
+from training import StopSignal, estimate_loss, seed_iteration, train_step
+
+# ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
+# I/O
+out_dir = "out"
+eval_interval = 2000  # evaluate (and maybe checkpoint) every this many steps
+log_interval = 1  # print a line every this many steps; the only place the loop waits for the GPU
+eval_iters = 200  # batches per split in each evaluation
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val loss improves
+keep_last_n = 0  # also keep the last n checkpoints as ckpt_NNNNNNN.pt (0: none)
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+# wandb logging
+wandb_log = False
+wandb_project = "owt"
+wandb_run_name = "gpt2"
+# data
+dataset = "openwebtext"  # a folder under data/ (or an absolute path) holding train.bin, val.bin, meta.pkl
+gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, in total over all ranks
+batch_size = 12  # sequences per micro-step per rank
+block_size = 1024  # tokens per sequence
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0  # 0 for pretraining, 0.1+ for finetuning
+bias = False  # biases in Linears and LayerNorms?
+# AdamW
+learning_rate = 6e-4  # peak learning rate
+max_iters = 600000  # optimizer steps in total
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient norm to this (0: no clipping)
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000  # ~= max_iters per Chinchilla
+min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
+# faults
+max_bad_steps = 25  # stop after this many skipped (non-finite) steps in a row
+# system
+device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 > float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model (skipped where it does not work)
+seed = 1337
+# -----------------------------------------------------------------------------
+install_error_hook()
+config, explicit = configure(globals(), sys.argv[1:])
+
+# ----------------------------------------------------------------------------- where and how to run
+rank, local_rank, world_size, device = init_distributed(pick_device(device))
+master = rank == 0  # the process that logs and writes checkpoints
+device_type = "cuda" if device.startswith("cuda") else device
+dtype = pick_dtype(dtype, device_type)
+setup_backends(device_type)
+ctx = autocast(device_type, dtype)
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+                    f"{world_size} processes")
+accum_steps = gradient_accumulation_steps // world_size
+if decay_lr and not warmup_iters < lr_decay_iters:
+    raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
+if master:
+    checkpoint.check_writable(out_dir)
+
+# ----------------------------------------------------------------------------- model and data
+resume_path = os.path.join(out_dir, checkpoint.LATEST)
+state = None
+if init_from == "resume":
+    state = checkpoint.load(resume_path)
+    checkpoint.check_model_args(state, resume_path, config, explicit)
+    block_size = state["model_args"]["block_size"]
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+batches = Batches(data_dir, block_size, batch_size, device, seed, rank)
+
+iter_num, best_val_loss = 0, float("inf")
+if init_from == "scratch":
+    vocab_size = batches.vocab_size or 50304  # GPT-2's 50257 padded to a multiple of 64
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                          vocab_size=vocab_size, dropout=dropout))
+elif init_from == "resume":
+    model = checkpoint.model_from_checkpoint(state, dropout if "dropout" in explicit else None)
+    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+else:  # OpenAI GPT-2 weights, by name or from a local folder
+    model = checkpoint.load_pretrained(init_from, dropout)
+    if block_size > model.config.block_size:
+        raise UserError(f"block_size={block_size} is longer than {init_from}'s {model.config.block_size} positions")
+    model.crop_block_size(block_size)
+batches.check_vocab(model.config.vocab_size)
+model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
+model.to(device)
+
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if state is not None:
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+state = None  # free the checkpoint's memory
+
+gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
+if compile and can_compile(device_type):
+    model = torch.compile(model)  # compiles on the first step: takes a minute
+if world_size > 1:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
+peak, peak_source = peak_flops(device, dtype)
+if master:
+    print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) | "
+          f"{tokens_per_iter:,} tokens per iteration | MFU against {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+
+
+def get_lr(it):
+    """Linear warmup (non-zero at it=0), then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save_checkpoint(is_best):
+    if master:
+        t0 = time.time()
+        checkpoint.save(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
+                             meta=batches.meta), out_dir, is_best, keep_last_n)
+        print(f"saved {'best and latest' if is_best else 'latest'} checkpoint to {out_dir} "
+              f"at iter {iter_num} ({time.time() - t0:.2f}s)")
+
+
+if wandb_log and master:
+    import wandb
+
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# ----------------------------------------------------------------------------- training loop
+# Evaluation, checkpoints and stopping all happen at the top of an iteration, so a checkpoint holds
+# the state just before step iter_num, which is where a resumed run starts.
+stop = StopSignal(world_size)
+start_iter, saved_iter = iter_num, None
+bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
+running_mfu, t0 = -1.0, time.time()
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss(model, batches, eval_iters, ctx, world_size)
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
+                           "lr": get_lr(iter_num), "mfu": running_mfu * 100})
+        if eval_only:
+            break
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        if iter_num > start_iter and (improved or always_save_checkpoint):
+            save_checkpoint(is_best=improved)
+            saved_iter = iter_num
+        t0 = time.time()  # leave evaluation and saving out of the step timing
+    if iter_num >= max_iters or stop.should_stop():
+        if saved_iter != iter_num and iter_num > start_iter:
+            save_checkpoint(is_best=False)
+        if stop.received and master:
+            args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
+            launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
+            print(f"stopped by {stop.received} at iter {iter_num}; resume with: {launcher} train.py {' '.join(args)}")
+        break
+
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr
+    seed_iteration(seed, rank, iter_num)
+    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip)
+    bad_total = bad_total + skipped
+    bad_streak = (bad_streak + 1) * skipped  # back to 0 on a good step
+    iter_num += 1
+
+    if iter_num % log_interval == 0:  # the one place the loop waits for the device (.item())
+        lossf, normf, streak, total = loss.item(), grad_norm.item(), int(bad_streak), int(bad_total)
+        dt = (time.time() - t0) / log_interval
+        t0 = time.time()
+        if iter_num - start_iter >= 5 * log_interval:  # let the first steps (compilation, warmup) pass
+            mfu = gpt.estimate_mfu(tokens_per_iter // world_size, dt, peak)
+            running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+        if master:
+            bad = f", {total} skipped non-finite steps ({streak} in a row)" if total else ""
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.2f}, {dt * 1000:.2f}ms, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{running_mfu:.2%}' if running_mfu >= 0 else '--'}{bad}")
+        if streak >= max_bad_steps:
+            raise UserError(f"{streak} steps in a row had a non-finite loss or gradient (iter {iter_num}); "
+                            f"{resume_path} still holds the last good state. Lower --learning_rate, check the "
+                            f"data, or use --dtype=bfloat16 instead of float16.")
+
+if world_size > 1:
+    import torch.distributed as dist
+
+    dist.destroy_process_group()

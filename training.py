@@ -1,0 +1,105 @@
+"""
+The optimizer step and the evaluation, shared by train.py and bench.py so that the benchmark times
+exactly the code that trains; and the handler that turns SIGTERM / Ctrl-C into a clean stop.
+"""
+
+import signal
+
+import numpy as np
+import torch
+
+from batches import EVAL
+
+
+def seed_iteration(seed, rank, iter_num):
+    """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
+
+
+def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip):
+    """
+    One optimizer step over accum_steps micro-batches. Returns (loss, grad_norm, skipped) as device tensors,
+    so nothing here waits for the GPU. A step whose gradients are not finite is skipped: no update at all.
+    """
+    X, Y = batches.get("train", iter_num, 0)
+    loss_sum = 0.0
+    for micro_step in range(accum_steps):
+        # under DDP, all-reduce the gradients only after the last micro-step (a no-op attribute otherwise)
+        model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with autocast:
+            _, loss = model(X, Y)
+            loss = loss / accum_steps  # the gradient of the mean over all micro-batches
+        if micro_step + 1 < accum_steps:
+            X, Y = batches.get("train", iter_num, micro_step + 1)  # prepared while the device computes
+        scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
+    scaler.unscale_(optimizer)  # clip the true gradients (no-op unless float16)
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    skipped = ~torch.isfinite(grad_norm)  # a NaN or inf loss makes the gradients non-finite too
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # the float16 grad scaler skips non-finite steps itself
+        scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = skipped.float()  # the fused kernel skips the update on the device: no host sync
+        optimizer.step()
+    elif not skipped.item():  # other optimizers need the host to decide
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, skipped
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, eval_iters, autocast, world_size=1):
+    """Mean loss over the same eval_iters batches of each split every time (averaged over ranks)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        losses = torch.zeros(eval_iters, device=batches.device)
+        for k in range(eval_iters):
+            X, Y = batches.get(split, k, stream=EVAL)
+            with autocast:
+                _, losses[k] = model(X, Y)
+        mean = losses.mean()
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+        out[split] = mean.item()
+    model.train()
+    return out
+
+
+class StopSignal:
+    """
+    SIGTERM (a scheduler preempting the job) or Ctrl-C asks training to stop: it finishes the current
+    step, saves a checkpoint and exits 0. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, world_size=1):
+        self.received, self.world_size, self.group = None, world_size, None
+        if world_size > 1:
+            import torch.distributed as dist
+
+            # agree on the flag over a CPU (gloo) group: checking it every step then never waits for the GPU
+            if dist.get_backend() != "gloo":
+                self.group = dist.new_group(backend="gloo")
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self):
+        """True on every rank as soon as any rank received a signal."""
+        if self.world_size == 1:
+            return self.received is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.received is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
