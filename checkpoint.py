@@ -1,20 +1,18 @@
 """
 Crash-safe checkpoints, and building a model from scratch, a checkpoint, or GPT-2 weights.
 
-out_dir/ckpt.pt       the latest state, for init_from='resume'
-out_dir/best.pt       the state with the best val loss, for sampling
-out_dir/ckpt_NNNNNNN.pt  the last keep_last_n periodic snapshots (keep_last_n > 0)
+out_dir/ckpt.pt          the latest full state (model, optimizer, ...), for init_from='resume'
+out_dir/best.pt          the model with the best val loss (weights only), for sampling and export
+out_dir/ckpt_NNNNNNN.pt  copies of the last keep_last_n ckpt.pt files (keep_last_n > 0)
 
 Every file is written to a temporary name, flushed and fsynced, then renamed over the old one in one
-atomic step, so a process killed at any moment leaves the previous checkpoint whole. best.pt and the
-snapshots are hard links to a ckpt.pt that was just written (no extra disk or time); since files are
-only ever replaced, never rewritten in place, no name can be damaged through another.
+atomic step, so a process killed at any moment leaves the previous checkpoint whole. Each name is its own
+file (no hard links), so editing one can never change another.
 """
 
 import glob
 import os
 import re
-import shutil
 
 import torch
 
@@ -44,14 +42,13 @@ def _fsync_dir(path):
             os.close(fd)
 
 
-def _link(src, dst):
-    """Atomically make dst the same file as src (a hard link, or a copy where links are not supported)."""
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+def _write_atomic(path, write):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def save(state, out_dir, is_best=False, keep_last_n=0):
@@ -59,16 +56,13 @@ def save(state, out_dir, is_best=False, keep_last_n=0):
     for stale in glob.glob(os.path.join(out_dir, "*.pt.*.tmp")):  # leftovers of a process killed mid-save
         os.remove(stale)
     latest = os.path.join(out_dir, LATEST)
-    tmp = f"{latest}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, latest)
+    _write_atomic(latest, lambda f: torch.save(state, f))
     if is_best:
-        _link(latest, os.path.join(out_dir, BEST))
+        weights = {k: v for k, v in state.items() if k not in ("optimizer", "scaler")}
+        _write_atomic(os.path.join(out_dir, BEST), lambda f: torch.save(weights, f))
     if keep_last_n > 0:
-        _link(latest, os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt"))
+        snapshot = os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt")
+        _write_atomic(snapshot, lambda f: torch.save(state, f))
         snapshots = sorted(p for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}\.pt", p))
         for old in snapshots[:-keep_last_n]:
             os.remove(os.path.join(out_dir, old))

@@ -164,7 +164,7 @@ class GPT(nn.Module):
             kv_cache.length += T
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])  # inference needs only the last position: (B, 1, vocab_size)
             loss = None

@@ -98,6 +98,7 @@ data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", data
 batches = Batches(data_dir, block_size, batch_size, device, seed, rank)
 
 iter_num, best_val_loss = 0, float("inf")
+torch.manual_seed(seed)  # the same initial weights on every rank and every run
 if init_from == "scratch":
     vocab_size = batches.vocab_size or 50304  # GPT-2's 50257 padded to a multiple of 64
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
@@ -166,7 +167,7 @@ if wandb_log and master:
 # Evaluation, checkpoints and stopping all happen at the top of an iteration, so a checkpoint holds
 # the state just before step iter_num, which is where a resumed run starts.
 stop = StopSignal(world_size)
-start_iter, saved_iter = iter_num, None
+start_iter, saved_iter, healthy = iter_num, None, True
 bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
 running_mfu, t0 = -1.0, time.time()
 while True:
@@ -181,17 +182,20 @@ while True:
             break
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
-        if iter_num > start_iter and (improved or always_save_checkpoint):
+        healthy = math.isfinite(losses["val"])  # never overwrite a good checkpoint with a broken model
+        if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
             save_checkpoint(is_best=improved)
             saved_iter = iter_num
         t0 = time.time()  # leave evaluation and saving out of the step timing
-    if iter_num >= max_iters or stop.should_stop():
-        if saved_iter != iter_num and iter_num > start_iter:
+    stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
+    if iter_num >= max_iters or stopping:
+        if healthy and saved_iter != iter_num and iter_num > start_iter:
             save_checkpoint(is_best=False)
-        if stop.received and master:
+        if stopping and master:
             args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
             launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-            print(f"stopped by {stop.received} at iter {iter_num}; resume with: {launcher} train.py {' '.join(args)}")
+            print(f"stopped by {stop.received or 'a signal'} at iter {iter_num}; "
+                  f"resume with: {launcher} train.py {' '.join(args)}")
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate

@@ -1,0 +1,141 @@
+"""The model's behaviour: initial loss, learning, causality, generation (greedy, top-k, KV cache), cropping."""
+
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+
+def tiny(vocab_size=65, block_size=16, dropout=0.0, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32,
+                         dropout=dropout, bias=bias))
+
+
+def full_logits(model, idx):
+    """Logits at every position (forward returns them all when given targets)."""
+    logits, _ = model(idx, torch.zeros_like(idx))
+    return logits
+
+
+@pytest.mark.parametrize("vocab_size", [65, 1000])
+def test_loss_at_init_is_log_vocab(vocab_size):
+    model = tiny(vocab_size)
+    idx = torch.randint(vocab_size, (8, 16), generator=torch.Generator().manual_seed(1))
+    _, loss = model(idx, torch.roll(idx, -1, dims=1))
+    assert abs(loss.item() - math.log(vocab_size)) < 0.05 * math.log(vocab_size)
+
+
+def test_overfits_one_batch():
+    model = tiny()
+    optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    idx = torch.randint(65, (4, 17), generator=torch.Generator().manual_seed(2))
+    x, y = idx[:, :-1], idx[:, 1:]
+    for _ in range(300):
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert loss.item() < 0.05
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal(bias):
+    model = tiny(bias=bias).eval()
+    idx = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(3))
+    for t in range(15):
+        changed = idx.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % 65
+        a, b = full_logits(model, idx), full_logits(model, changed)
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1]), f"logits at <= {t} depend on token {t + 1}"
+        assert not torch.allclose(a[:, t + 1], b[:, t + 1])  # the changed position does see its own token
+
+
+def greedy_without_cache(model, idx, steps):
+    for _ in range(steps):
+        logits = full_logits(model, idx[:, -model.config.block_size:])[:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_greedy_generate_is_deterministic_and_matches_full_recompute():
+    model = tiny().eval()
+    prompt = torch.randint(65, (3, 5), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, 30, temperature=0)  # runs past block_size=16: cache, then cropped windows
+    assert out.shape == (3, 35) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, model.generate(prompt, 30, temperature=0))
+    assert torch.equal(out, greedy_without_cache(model, prompt, 30))
+
+
+def test_kv_cache_logits_match_full_forward():
+    from model import KVCache
+
+    model = tiny().eval()
+    idx = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(5))
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    steps = [model(idx[:, :6], kv_cache=cache)[0][:, -1]]
+    steps += [model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1] for t in range(6, 16)]
+    full = full_logits(model, idx)[:, 5:]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_1_equals_greedy_and_sampling_follows_the_seed():
+    model = tiny().eval()
+    prompt = torch.randint(65, (2, 4), generator=torch.Generator().manual_seed(6))
+    greedy = model.generate(prompt, 20, temperature=0)
+    torch.manual_seed(123)
+    assert torch.equal(model.generate(prompt, 20, temperature=1.0, top_k=1), greedy)
+    torch.manual_seed(7)
+    a = model.generate(prompt, 20, temperature=1.0)
+    torch.manual_seed(7)
+    assert torch.equal(a, model.generate(prompt, 20, temperature=1.0))
+    torch.manual_seed(8)
+    assert not torch.equal(a, model.generate(prompt, 20, temperature=1.0))
+
+
+def test_vocab_limit_and_stop_token():
+    model = tiny(vocab_size=80).eval()
+    with torch.no_grad():
+        model.lm_head.weight[70:] *= 50  # make the "padding" rows the likeliest tokens
+    prompt = torch.randint(65, (4, 3), generator=torch.Generator().manual_seed(9))
+    assert (model.generate(prompt, 20, temperature=0)[:, 3:] >= 70).any()  # without the limit they win
+    torch.manual_seed(0)
+    out = model.generate(prompt, 20, temperature=2.0, vocab_limit=70)
+    assert (out < 70).all()
+    greedy = model.generate(prompt[:1], 10, temperature=0, vocab_limit=70)
+    stop = greedy[0, 5].item()  # a token greedy decoding emits: generation must end right there
+    out = model.generate(prompt[:1], 10, temperature=0, vocab_limit=70, stop_token=stop)
+    assert out[0, -1].item() == stop and out.size(1) <= greedy.size(1)
+    assert torch.equal(out[0], greedy[0, : out.size(1)])
+
+
+def test_crop_block_size_keeps_short_inputs_exact():
+    model = tiny(block_size=16).eval()
+    idx = torch.randint(65, (2, 8), generator=torch.Generator().manual_seed(10))
+    before = full_logits(model, idx)
+    model.crop_block_size(8)
+    assert model.config.block_size == 8 and model.transformer.wpe.weight.shape[0] == 8
+    torch.testing.assert_close(full_logits(model, idx), before, rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_init_scales_residual_projections_and_ties_embeddings():
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=8, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    c_proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    c_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(c_fc - 0.02) < 0.002
+    assert abs(c_proj - 0.02 / math.sqrt(2 * 8)) < 0.001
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny()
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
