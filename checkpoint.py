@@ -108,6 +108,8 @@ def load_pretrained(name_or_path, dropout=0.0):
         return GPT.from_pretrained(name_or_path, dict(dropout=dropout))
     except ValueError as e:
         raise UserError(str(e)) from None
+    except RuntimeError as e:  # weights whose shapes disagree with config.json
+        raise UserError(f"{name_or_path}: its weights do not match its config.json ({str(e).splitlines()[0]})") from None
     except OSError as e:
         if os.path.isdir(name_or_path):
             raise UserError(f"{name_or_path} is not a transformers GPT-2 folder (config.json + model weights): "

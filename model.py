@@ -183,7 +183,10 @@ class GPT(nn.Module):
         assert set(override_args) <= {"dropout"}, "only dropout can be overridden when loading GPT-2"
         from transformers import GPT2LMHeadModel  # only this path needs transformers, so import it here
 
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        if info["missing_keys"]:  # transformers would fill them with random weights
+            raise ValueError(f"{name_or_path} is not a complete GPT-2 checkpoint: it lacks "
+                             f"{', '.join(sorted(info['missing_keys'])[:3])}")
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.layer_norm_epsilon != 1e-5 \
                 or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn or not c.scale_attn_weights:

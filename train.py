@@ -194,7 +194,7 @@ while True:
         if stopping and master:
             args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
             launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-            print(f"stopped by {stop.received or 'a signal'} at iter {iter_num}; "
+            print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; "
                   f"resume with: {launcher} train.py {' '.join(args)}")
         break
 
@@ -227,3 +227,8 @@ if world_size > 1:
     import torch.distributed as dist
 
     dist.destroy_process_group()
+    if wandb_log and master:
+        wandb.finish()
+    # skip interpreter teardown, where gloo's threads can still abort a finished process (SIGABRT, torch 2.13)
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,157 @@
+"""
+Time training steps (forward, backward, optimizer) through exactly the code train.py runs: training.train_step.
+
+    python bench.py                                          # GPT-2 124M shapes on synthetic tokens
+    python bench.py --dataset=shakespeare_char --n_layer=6 --n_head=6 --n_embd=384 --block_size=256
+    python bench.py --profile=True                           # a torch.profiler trace and the top ops instead
+
+The last line is the result: `bench: 12.34 ms/iter, 45,678 tokens/s, mfu 12.3%, peak memory 456.7 MiB (...)`.
+"""
+
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from batches import SPLITS, TRAIN_STEP, Batches
+from configurator import configure
+from model import GPT, GPTConfig
+from runtime import (UserError, autocast, can_compile, install_error_hook, peak_flops, pick_device, pick_dtype,
+                     setup_backends, synchronize)
+from training import seed_iteration, train_step
+
+# ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
+batch_size = 12  # sequences per micro-step
+block_size = 1024  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-steps per optimizer step
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = False
+dataset = ""  # '': synthetic random tokens; else a folder under data/ (or an absolute path), as in train.py
+vocab_size = 50304  # of the synthetic tokens (real data uses its meta.pkl's vocab, else 50304)
+warmup_steps = 10  # steps run before timing (compilation, allocator and cache warmup)
+num_steps = 20  # timed steps
+learning_rate = 6e-4  # constant: no schedule
+weight_decay = 1e-1
+grad_clip = 1.0  # as train.py (0: no clipping)
+device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 > float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = True  # torch.compile the model (skipped where it does not work)
+seed = 1337
+profile = False  # instead of timing, record a few steps with torch.profiler and print the top ops
+profile_dir = "bench_profile"  # where the profiler's trace (Chrome / Perfetto JSON) goes
+# -----------------------------------------------------------------------------
+install_error_hook()
+configure(globals(), sys.argv[1:])
+if num_steps < 1 or warmup_steps < 0 or gradient_accumulation_steps < 1:
+    raise UserError("num_steps and gradient_accumulation_steps must be >= 1, warmup_steps >= 0")
+
+device = pick_device(device)
+device_type = "cuda" if device.startswith("cuda") else device
+dtype = pick_dtype(dtype, device_type)
+setup_backends(device_type)
+ctx = autocast(device_type, dtype)
+
+
+class SyntheticBatches:
+    """Random tokens made on the device, with Batches' interface. Zipf-distributed like text's, so loss can fall."""
+
+    def __init__(self, vocab_size, block_size, batch_size, device, seed):
+        self.vocab_size, self.device, self.seed = vocab_size, device, seed
+        self.block_size, self.batch_size = block_size, batch_size
+        self.weights = 1.0 / torch.arange(1, vocab_size + 1, device=device)  # token k has frequency ~ 1/k
+        self.generator = torch.Generator(device=device)
+
+    def get(self, split, step, micro_step=0, stream=TRAIN_STEP):
+        key = [self.seed, SPLITS.index(split), stream, step, micro_step]
+        self.generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        n = self.batch_size * (self.block_size + 1)
+        data = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        data = data.view(self.batch_size, self.block_size + 1)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) inputs, (B, T) next-token targets
+
+
+if dataset:
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    batches = Batches(data_dir, block_size, batch_size, device, seed)
+    data_name = f"{data_dir} (vocab {batches.vocab_size or 50304})"
+else:
+    batches = SyntheticBatches(vocab_size, block_size, batch_size, device, seed)
+    data_name = f"synthetic tokens (vocab {vocab_size})"
+torch.manual_seed(seed)
+gpt = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                    vocab_size=batches.vocab_size or 50304, dropout=dropout))
+if dataset:
+    batches.check_vocab(gpt.config.vocab_size)
+gpt.to(device)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
+optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type)
+compiled = compile and can_compile(device_type)
+model = torch.compile(gpt) if compiled else gpt
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
+      f"{tokens_per_iter:,} tokens per iteration | {data_name}")
+
+losses = []  # device tensors: reading them waits for the device, so that happens only at the end
+iter_num = 0
+
+
+def run_steps(n, prof=None):
+    global iter_num
+    for _ in range(n):
+        seed_iteration(seed, 0, iter_num)
+        loss, _, _ = train_step(model, optimizer, scaler, batches, iter_num, gradient_accumulation_steps, ctx,
+                                grad_clip)
+        losses.append(loss)
+        iter_num += 1
+        if prof is not None:
+            prof.step()
+
+
+t0 = time.perf_counter()
+run_steps(warmup_steps)
+synchronize(device)
+print(f"{warmup_steps} warmup steps in {time.perf_counter() - t0:.1f}s{' (includes compilation)' if compiled else ''}")
+
+if profile:
+    # wait 1 step, warm the profiler up for 1, record 3; then the trace is written and the table printed
+    os.makedirs(profile_dir, exist_ok=True)
+    trace_path = os.path.join(os.path.abspath(profile_dir), f"bench_{device_type}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3),
+                                on_trace_ready=lambda p: p.export_chrome_trace(trace_path), record_shapes=True) as prof:
+        run_steps(5, prof)
+    synchronize(device)
+    print(f"trace written to {trace_path} (open it in https://ui.perfetto.dev or chrome://tracing)")
+    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
+    print(f"loss: first {losses[0].item():.4f}, final {losses[-1].item():.4f}")
+    sys.exit(0)
+
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+synchronize(device)
+t0 = time.perf_counter()
+run_steps(num_steps)
+synchronize(device)
+dt = (time.perf_counter() - t0) / num_steps  # seconds per iteration
+
+peak, peak_source = peak_flops(device, dtype)
+mfu = gpt.estimate_mfu(tokens_per_iter, dt, peak)
+if device_type == "cuda":
+    memory, memory_source = torch.cuda.max_memory_allocated(device), "max allocated by torch on the GPU"
+else:
+    import resource  # ru_maxrss is in KiB on Linux, bytes on macOS
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory, memory_source = rss * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
+print(f"timed: {num_steps} steps in {dt * num_steps:.2f}s | MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+print(f"loss: first {losses[0].item():.4f}, final {losses[-1].item():.4f}")
+print(f"bench: {dt * 1000:.2f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu:.1%}, "
+      f"peak memory {memory / 2**20:.1f} MiB ({memory_source})")

@@ -1,0 +1,136 @@
+"""
+Export a checkpoint of train.py as a Hugging Face transformers GPT-2 folder (config.json + model.safetensors).
+
+    python export.py --out_dir=out-shakespeare --hf_dir=gpt2-shakespeare
+    python export.py --out_dir=out-shakespeare-char --hf_dir=hf-shakespeare-char --ckpt=latest
+
+transformers.AutoModelForCausalLM.from_pretrained(hf_dir) then gives the same logits as this repo's model.
+A GPT-2 BPE checkpoint also gets GPT-2's tokenizer files, so AutoTokenizer.from_pretrained(hf_dir) works offline,
+and its vocabulary padding (50304 rows) is cut back to GPT-2's 50257 tokens. A character-level checkpoint gets
+char_vocab.json ({character: id}) instead of a tokenizer. bias=False exports with zero biases, which is exact.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+import checkpoint
+from batches import load_meta
+from configurator import configure
+from model import CONV1D_WEIGHTS
+from runtime import UserError, install_error_hook
+
+# ----------------------------------------------------------------------------- settings
+out_dir = "out"
+ckpt = "best"  # 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir
+hf_dir = ""  # the folder to write (required)
+# -----------------------------------------------------------------------------
+GPT2_VOCAB = 50257  # GPT-2's tokens; 50256 is <|endoftext|>
+# OpenAI's GPT-2 BPE files (as in tiktoken_ext/openai_public.py), read through tiktoken's cache. transformers'
+# vocab.json is the same file as encoder.json, and merges.txt the same as vocab.bpe.
+GPT2_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def gpt2_state_dict(sd, reference, bias, vocab, path):
+    """Our state_dict in GPT2LMHeadModel's layout: Conv1D weights transposed, vocab cut to `vocab`, zero biases."""
+    wte, head = sd.get("transformer.wte.weight"), sd.get("lm_head.weight")
+    if wte is not None and head is not None and not torch.equal(wte, head):
+        raise UserError(f"{path} has an lm_head not tied to wte, which the GPT-2 format cannot hold")
+    out, unused = {}, set(sd)
+    for k, ref in reference.items():
+        if k in sd:
+            unused.discard(k)
+            v = sd[k].t() if k.endswith(CONV1D_WEIGHTS) else sd[k]
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v = v[:vocab]  # rows past the tokenizer's vocabulary are padding, never predicted
+        elif k.endswith(".bias") and not bias:
+            v = torch.zeros(ref.shape)  # bias=False is the same as a zero bias
+        else:
+            raise UserError(f"{path} lacks {k}, which GPT-2 needs: this architecture cannot be exported")
+        if v.shape != ref.shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)} but GPT-2 expects {tuple(ref.shape)}: "
+                            f"this architecture cannot be exported")
+        out[k] = v.to(torch.float32).contiguous()
+    if unused:
+        raise UserError(f"{path} has weights the GPT-2 format cannot hold: {', '.join(sorted(unused))}")
+    return out
+
+
+install_error_hook()
+configure(globals(), sys.argv[1:])
+if not hf_dir:
+    raise UserError("pass --hf_dir=FOLDER: where to write the transformers GPT-2 folder")
+
+names = {"best": [checkpoint.BEST, checkpoint.LATEST], "latest": [checkpoint.LATEST]}.get(ckpt, [ckpt])
+paths = [os.path.join(out_dir, name) for name in names]
+path = next((p for p in paths if os.path.exists(p)), paths[-1])
+state = checkpoint.load(path)
+args, sd = state["model_args"], state["model"]
+allowed = set(checkpoint.ARCH_KEYS) | {"dropout"}
+extra, missing = sorted(set(args) - allowed), sorted(set(checkpoint.ARCH_KEYS) - set(args))
+if extra or missing:
+    raise UserError(f"{path} has model_args the GPT-2 format cannot hold (extra {extra}, missing {missing}): "
+                    f"GPT-2 is described by exactly {', '.join(sorted(allowed))}")
+dataset = state.get("config", {}).get("dataset", "")  # older checkpoints name their dataset instead of carrying meta
+meta = state.get("meta") or load_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset))
+
+# the vocabulary: GPT-2 BPE (the default when a dataset has no meta.pkl), characters, or something else
+vocab = args["vocab_size"]
+is_gpt2 = "stoi" not in meta and meta.get("tokenizer", "gpt2") == "gpt2" and vocab >= GPT2_VOCAB
+tokenizer_files = {}
+if is_gpt2:
+    vocab = GPT2_VOCAB
+    from tiktoken.load import read_file_cached
+
+    for name, (url, sha256) in GPT2_FILES.items():
+        try:
+            tokenizer_files[name] = read_file_cached(url, sha256)
+        except Exception as e:
+            raise UserError(f"could not get GPT-2's tokenizer file {url} ({type(e).__name__}): offline, set "
+                            f"TIKTOKEN_CACHE_DIR to a tiktoken cache that holds it") from None
+
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast  # noqa: E402  (slow import, after checks)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+eot, dropout = (GPT2_VOCAB - 1 if is_gpt2 else None), args.get("dropout", 0.0)
+try:
+    config = GPT2Config(vocab_size=vocab, n_positions=args["block_size"], n_embd=args["n_embd"],
+                        n_layer=args["n_layer"], n_head=args["n_head"], activation_function="gelu_new",
+                        layer_norm_epsilon=1e-5, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot)
+    with torch.device("meta"):  # shapes only: the weights come from the checkpoint
+        hf = GPT2LMHeadModel(config)
+except ValueError as e:
+    raise UserError(f"{path}: model_args {args} make no GPT-2 ({e})") from None
+hf.load_state_dict(gpt2_state_dict(sd, hf.state_dict(), args["bias"], vocab, path), strict=True, assign=True)
+hf.tie_weights()  # lm_head is wte again after assign=True
+
+try:
+    os.makedirs(hf_dir, exist_ok=True)
+    hf.save_pretrained(hf_dir)
+    for name, data in tokenizer_files.items():
+        with open(os.path.join(hf_dir, name), "wb") as f:
+            f.write(data)
+    if is_gpt2:  # tokenizer.json and tokenizer_config.json, for AutoTokenizer
+        merges = [tuple(line.split(" ")) for line in tokenizer_files["merges.txt"].decode().splitlines()[1:] if line]
+        GPT2TokenizerFast(vocab=json.loads(tokenizer_files["vocab.json"]), merges=merges,
+                          model_max_length=args["block_size"]).save_pretrained(hf_dir)
+        tokenizer = "GPT-2 tokenizer"
+    elif "stoi" in meta:
+        with open(os.path.join(hf_dir, "char_vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(meta["stoi"], f, ensure_ascii=False, indent=0)
+        tokenizer = "char_vocab.json (character-level, no transformers tokenizer)"
+    else:
+        tokenizer = f"no tokenizer files (tokenizer {meta.get('tokenizer')!r} unknown here)"
+except OSError as e:
+    raise UserError(f"cannot write to --hf_dir={hf_dir} ({e.strerror}): pick another folder") from None
+print(f"exported {path} (iter {state['iter_num']}) to {hf_dir}: GPT-2 with {args['n_layer']} layers, "
+      f"{args['n_head']} heads, n_embd {args['n_embd']}, {args['block_size']} positions, vocab {vocab}; {tokenizer}")

@@ -1,0 +1,76 @@
+"""bench.py as a user runs it: a tiny model on CPU, synthetic and real data, the profiler, a bad setting."""
+
+import gzip
+import json
+import math
+import re
+
+from conftest import run
+
+TINY_BENCH = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+              "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2"]
+SUMMARY = re.compile(r"bench: ([\d.]+) ms/iter, ([\d,]+) tokens/s, mfu ([\d.]+)%, peak memory ([\d.]+) MiB \((.+)\)")
+LOSS = re.compile(r"^loss: first ([\d.]+), final ([\d.]+)$", re.M)
+
+
+def parse(stdout):
+    """(ms/iter, tokens/s, mfu %, peak MiB, first loss, final loss) from bench.py's output; the summary is last."""
+    last = stdout.strip().splitlines()[-1]
+    summary, loss = SUMMARY.fullmatch(last), LOSS.search(stdout)
+    assert summary and loss, stdout
+    ms, tok_s, mfu, mib = float(summary[1]), int(summary[2].replace(",", "")), float(summary[3]), float(summary[4])
+    return ms, tok_s, mfu, mib, float(loss[1]), float(loss[2])
+
+
+def check_rates(ms, tok_s, tokens_per_iter):
+    """tokens/s must be tokens_per_iter / (ms/iter), allowing for both numbers' printed rounding."""
+    assert ms > 0
+    low = tokens_per_iter / ((ms + 0.005) / 1000) - 0.5
+    high = tokens_per_iter / ((ms - 0.005) / 1000) + 0.5 if ms > 0.005 else math.inf
+    assert low <= tok_s <= high, (ms, tok_s, tokens_per_iter)
+
+
+def test_synthetic_data_with_accumulation():
+    proc = run("bench.py", *TINY_BENCH, "--vocab_size=256", "--gradient_accumulation_steps=2")
+    out = proc.stdout
+    assert "cpu float32 | compile off | 256 tokens per iteration | synthetic tokens (vocab 256)" in out, out
+    ms, tok_s, mfu, mib, first, final = parse(out)
+    check_rates(ms, tok_s, 4 * 32 * 2)
+    assert mfu >= 0 and mib > 0
+    assert "peak RSS" in out.strip().splitlines()[-1]
+    assert abs(first - math.log(256)) < 0.1, out  # an untrained model is ~uniform over the vocabulary
+    assert final < first - 0.2, out  # the Zipf-distributed tokens are learnable: it trains
+
+
+def test_real_data(char_data):
+    proc = run("bench.py", *TINY_BENCH, f"--dataset={char_data}")
+    out = proc.stdout
+    assert f"{char_data} (vocab 65)" in out, out
+    ms, tok_s, _, _, first, final = parse(out)
+    check_rates(ms, tok_s, 4 * 32)
+    assert abs(first - math.log(65)) < 0.2, out
+    assert final < first, out
+
+
+def test_profile_writes_a_trace(tmp_path):
+    profile_dir = tmp_path / "prof"
+    proc = run("bench.py", *TINY_BENCH, "--vocab_size=256", "--warmup_steps=1", "--profile=True",
+               f"--profile_dir={profile_dir}")
+    traces = [p for p in profile_dir.iterdir() if p.name.endswith((".json", ".json.gz"))]
+    assert len(traces) == 1, list(profile_dir.iterdir())
+    trace = traces[0]
+    assert f"trace written to {trace}" in proc.stdout, proc.stdout
+    assert trace.stat().st_size > 0
+    opener = gzip.open if trace.name.endswith(".gz") else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any("aten::mm" in e.get("name", "") for e in events)
+    assert "Self CPU" in proc.stdout and "aten::mm" in proc.stdout  # the top-ops table
+
+
+def test_bad_setting_is_one_line():
+    proc = run("bench.py", "--n_layers=2", check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "n_layer" in lines[0], proc.stderr
