@@ -194,8 +194,9 @@ while True:
         if stopping and master:
             args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
             launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-            print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; "
-                  f"resume with: {launcher} train.py {' '.join(args)}")
+            how = f"resume with: {launcher} train.py {' '.join(args)}" if os.path.exists(resume_path) \
+                else "no step had finished, so there is nothing to resume"
+            print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; {how}")
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
