@@ -46,14 +46,15 @@ class LayerNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so sampling feeds one new token per step."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size):
+        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = self.v = None  # allocated on first use, in the dtype attention runs in (autocast may lower it)
         self.length = 0  # tokens already cached
 
     def update(self, layer, k, v):
         """Store this step's (B, nh, T, hs) keys/values of `layer`; return all of them so far."""
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         start, end = self.length, self.length + k.size(2)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -236,7 +237,7 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if idx.size(1) <= self.config.block_size:
                 if kv_cache is None:  # first step: run the whole prompt through once
-                    kv_cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    kv_cache = KVCache(self.config, idx.size(0))
                     logits, _ = self(idx, kv_cache=kv_cache)
                 else:  # later steps: only the newest token
                     logits, _ = self(idx[:, -1:], kv_cache=kv_cache)

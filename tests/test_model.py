@@ -74,7 +74,7 @@ def test_kv_cache_logits_match_full_forward():
 
     model = tiny().eval()
     idx = torch.randint(65, (2, 16), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    cache = KVCache(model.config, 2)
     steps = [model(idx[:, :6], kv_cache=cache)[0][:, -1]]
     steps += [model(idx[:, t:t + 1], kv_cache=cache)[0][:, -1] for t in range(6, 16)]
     full = full_logits(model, idx)[:, 5:]
@@ -139,3 +139,11 @@ def test_optimizer_decays_matrices_only():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     n = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
+
+
+def test_generate_under_bfloat16_autocast_matches_full_recompute():
+    model = tiny().eval()
+    prompt = torch.randint(65, (2, 5), generator=torch.Generator().manual_seed(11))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(prompt, 8, temperature=0)
+        assert torch.equal(out, greedy_without_cache(model, prompt, 8))
