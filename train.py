@@ -3,7 +3,8 @@ Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP).
 
     python train.py config/train_shakespeare_char.py              # one device
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
-    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py   # 8 GPUs, one node
+    torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char.py \
+        --gradient_accumulation_steps=8                                     # 8 GPUs, one node
 
 Settings: the defaults below, then config files, then --key=value overrides (see configurator.py).
 """

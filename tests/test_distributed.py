@@ -48,3 +48,23 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(char_data, tmp_pa
                        r"train.py .*--init_from=resume", out)
     assert len(stops) == 1, out  # printed once, by rank 0, which itself got no signal
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["iter_num"] == int(stops[0]) >= 5
+
+
+def test_resume_under_torchrun_is_exact(char_data, tmp_path):
+    """Two ranks, 0 -> 8 in one go equals 0 -> 4 -> 8: every rank's batches and dropout come back."""
+    common = [*TINY, f"--dataset={char_data}", "--dropout=0.2", "--gradient_accumulation_steps=2",
+              "--eval_interval=4", "--lr_decay_iters=8"]
+    outputs = {}
+    for name, stops in (("whole", (8,)), ("pieces", (4, 8))):
+        outputs[name] = ""
+        for i, stop in enumerate(stops):
+            proc = torchrun(*common, f"--out_dir={tmp_path / name}", f"--max_iters={stop}",
+                            *(["--init_from=resume"] if i else []))
+            out = proc.communicate(timeout=120)[0]
+            assert proc.returncode == 0, out
+            outputs[name] += out
+    pick = lambda s: re.findall(r"^iter (\d+): loss (\S+),", s, re.M)  # noqa: E731
+    assert len(pick(outputs["whole"])) == 8 and pick(outputs["pieces"]) == pick(outputs["whole"])
+    a = checkpoint.load(str(tmp_path / "whole" / "ckpt.pt"))["model"]
+    b = checkpoint.load(str(tmp_path / "pieces" / "ckpt.pt"))["model"]
+    assert all(bool((a[k] == b[k]).all()) for k in a)
