@@ -178,7 +178,7 @@ while True:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if wandb_log:
                 wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                           "lr": get_lr(iter_num), "mfu": running_mfu * 100})
+                           "lr": get_lr(iter_num), "mfu": max(running_mfu, 0.0) * 100})
         if eval_only:
             break
         improved = losses["val"] < best_val_loss
@@ -232,5 +232,6 @@ if world_size > 1:
     if wandb_log and master:
         wandb.finish()
     # skip interpreter teardown, where gloo's threads can still abort a finished process (SIGABRT, torch 2.13)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
