@@ -52,7 +52,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
 
 def test_failed_download_says_how_to_pass_a_local_file(tmp_path, capsys):
     sys.path.insert(0, os.path.join(REPO, "data"))
-    from text_source import read_text
+    from prepare_common import read_text
 
     with pytest.raises(SystemExit) as e:
         read_text(None, str(tmp_path), url="http://127.0.0.1:9/input.txt")  # nothing listens on port 9

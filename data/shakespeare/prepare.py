@@ -9,22 +9,17 @@ characters) and meta.pkl (vocab_size 50257, tokenizer 'gpt2', dtype) into this f
 On tiny Shakespeare: 301,966 train and 36,059 val tokens.
 """
 
-import argparse
 import os
-import pickle
 import sys
 
 import numpy as np
 import tiktoken
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for text_source.py
-from text_source import fail, read_text  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))  # data/, for prepare_common.py
+from prepare_common import fail, parse_args, read_text, write_dataset  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
-parser.add_argument("--out_dir", default=HERE, help="where to write train.bin, val.bin and meta.pkl")
-args = parser.parse_args()
+args = parse_args(__doc__.split("\n\n")[0], HERE)
 
 text = read_text(args.input, HERE)
 try:
@@ -36,11 +31,5 @@ n = len(text)
 train_ids = np.array(enc.encode_ordinary(text[: int(n * 0.9)]), dtype=np.uint16)  # ordinary: no special tokens
 val_ids = np.array(enc.encode_ordinary(text[int(n * 0.9):]), dtype=np.uint16)
 print(f"length of dataset in characters: {n:,}")
-print(f"train has {len(train_ids):,} tokens")
-print(f"val has {len(val_ids):,} tokens")
-
-os.makedirs(args.out_dir, exist_ok=True)
-train_ids.tofile(os.path.join(args.out_dir, "train.bin"))
-val_ids.tofile(os.path.join(args.out_dir, "val.bin"))
-with open(os.path.join(args.out_dir, "meta.pkl"), "wb") as f:
-    pickle.dump({"vocab_size": enc.n_vocab, "tokenizer": "gpt2", "dtype": "uint16"}, f)
+meta = {"vocab_size": enc.n_vocab, "tokenizer": "gpt2", "dtype": "uint16"}
+write_dataset(args.out_dir, train_ids, val_ids, meta)

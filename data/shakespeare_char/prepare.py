@@ -8,21 +8,16 @@ Writes train.bin and val.bin (uint16 character ids: the first 90% and the last 1
 meta.pkl (vocab_size, stoi, itos) into this folder, or into --out_dir.
 """
 
-import argparse
 import os
-import pickle
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for text_source.py
-from text_source import read_text  # noqa: E402
+sys.path.insert(0, os.path.dirname(HERE))  # data/, for prepare_common.py
+from prepare_common import parse_args, read_text, write_dataset  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
-parser.add_argument("--out_dir", default=HERE, help="where to write train.bin, val.bin and meta.pkl")
-args = parser.parse_args()
+args = parse_args(__doc__.split("\n\n")[0], HERE)
 
 text = read_text(args.input, HERE)
 chars = sorted(set(text))
@@ -37,11 +32,4 @@ itos = {i: ch for i, ch in enumerate(chars)}
 n = len(text)
 train_ids = np.array([stoi[c] for c in text[: int(n * 0.9)]], dtype=np.uint16)
 val_ids = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)
-print(f"train has {len(train_ids):,} tokens")
-print(f"val has {len(val_ids):,} tokens")
-
-os.makedirs(args.out_dir, exist_ok=True)
-train_ids.tofile(os.path.join(args.out_dir, "train.bin"))
-val_ids.tofile(os.path.join(args.out_dir, "val.bin"))
-with open(os.path.join(args.out_dir, "meta.pkl"), "wb") as f:
-    pickle.dump({"vocab_size": vocab_size, "itos": itos, "stoi": stoi, "dtype": "uint16"}, f)
+write_dataset(args.out_dir, train_ids, val_ids, dict(vocab_size=vocab_size, itos=itos, stoi=stoi, dtype="uint16"))

@@ -1,8 +1,15 @@
-"""Where a prepare script's text comes from: --input=PATH, else input.txt beside the script, else a download."""
+"""
+What the data/<dataset>/prepare.py scripts share: their command line, where their text comes from (--input=PATH,
+else input.txt beside the script, else a download), and writing train.bin / val.bin / meta.pkl.
+"""
 
+import argparse
 import os
+import pickle
 import sys
 import urllib.request
+
+import numpy as np
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -37,3 +44,21 @@ def read_text(input_path, dataset_dir, url=TINY_SHAKESPEARE_URL):
     if not text:
         fail(f"{input_path} is empty")
     return text
+
+
+def parse_args(description, dataset_dir):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
+    parser.add_argument("--out_dir", default=dataset_dir, help="where to write train.bin, val.bin and meta.pkl")
+    return parser.parse_args()
+
+
+def write_dataset(out_dir, train_ids, val_ids, meta):
+    """The token streams as flat .bin files of meta['dtype'], and meta.pkl beside them."""
+    print(f"train has {len(train_ids):,} tokens")
+    print(f"val has {len(val_ids):,} tokens")
+    os.makedirs(out_dir, exist_ok=True)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        np.asarray(ids, dtype=meta["dtype"]).tofile(os.path.join(out_dir, f"{split}.bin"))
+    with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
+        pickle.dump(meta, f)
