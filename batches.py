@@ -21,6 +21,19 @@ TRAIN_STEP, EVAL = 0, 1  # streams of batches that never overlap
 SPLITS = ("train", "val")
 
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def dataset_dir(dataset):
+    """Where a dataset lives: data/<dataset> in this repo, or the path itself when it is absolute."""
+    return os.path.join(REPO, "data", dataset)
+
+
+def checkpoint_meta(state):
+    """The vocabulary metadata a checkpoint was trained with; older checkpoints only name their dataset."""
+    return state.get("meta") or load_meta(dataset_dir(state.get("config", {}).get("dataset", "")))
+
+
 def load_meta(data_dir):
     """meta.pkl as a dict, or {} when the dataset has none (then: GPT-2 BPE in uint16)."""
     path = os.path.join(data_dir, "meta.pkl")

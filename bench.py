@@ -15,11 +15,10 @@ import time
 import numpy as np
 import torch
 
-from batches import SPLITS, TRAIN_STEP, Batches
+from batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
 from configurator import configure
 from model import GPT, GPTConfig
-from runtime import (UserError, autocast, can_compile, install_error_hook, peak_flops, pick_device, pick_dtype,
-                     setup_backends, synchronize)
+from runtime import UserError, can_compile, install_error_hook, peak_flops, setup, synchronize
 from training import seed_iteration, train_step
 
 # ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
@@ -50,11 +49,8 @@ configure(globals(), sys.argv[1:])
 if num_steps < 1 or warmup_steps < 0 or gradient_accumulation_steps < 1:
     raise UserError("num_steps and gradient_accumulation_steps must be >= 1, warmup_steps >= 0")
 
-device = pick_device(device)
-device_type = "cuda" if device.startswith("cuda") else device
-dtype = pick_dtype(dtype, device_type)
-setup_backends(device_type)
-ctx = autocast(device_type, dtype)
+rt = setup(device, dtype)
+device, device_type, dtype, ctx = rt.device, rt.device_type, rt.dtype, rt.autocast
 
 
 class SyntheticBatches:
@@ -76,7 +72,7 @@ class SyntheticBatches:
 
 
 if dataset:
-    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+    data_dir = dataset_dir(dataset)
     batches = Batches(data_dir, block_size, batch_size, device, seed)
     data_name = f"{data_dir} (vocab {batches.vocab_size or 50304})"
 else:

@@ -17,7 +17,7 @@ import sys
 import torch
 
 import checkpoint
-from batches import load_meta
+from batches import checkpoint_meta
 from configurator import configure
 from model import CONV1D_WEIGHTS
 from runtime import UserError, install_error_hook
@@ -78,8 +78,7 @@ extra, missing = sorted(set(args) - allowed), sorted(set(checkpoint.ARCH_KEYS) -
 if extra or missing:
     raise UserError(f"{path} has model_args the GPT-2 format cannot hold (extra {extra}, missing {missing}): "
                     f"GPT-2 is described by exactly {', '.join(sorted(allowed))}")
-dataset = state.get("config", {}).get("dataset", "")  # older checkpoints name their dataset instead of carrying meta
-meta = state.get("meta") or load_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset))
+meta = checkpoint_meta(state)
 
 # the vocabulary: GPT-2 BPE (the default when a dataset has no meta.pkl), characters, or something else
 vocab = args["vocab_size"]

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -71,6 +72,31 @@ def pick_dtype(requested, device_type):
 def autocast(device_type, dtype):
     """Mixed precision for the forward pass; parameters and optimizer state stay float32."""
     return nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+
+
+@dataclass
+class Runtime:
+    """Where a script runs: its rank among torchrun's processes (0 of 1 without torchrun), device and precision."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # 'cpu', 'cuda:0', 'mps'
+    device_type: str  # 'cpu', 'cuda' or 'mps'
+    dtype: str  # 'float32', 'bfloat16' or 'float16'
+    autocast: object  # the context manager for forward passes
+
+
+def setup(device="auto", dtype="auto", distributed=False):
+    """The one setup call of every script: device (joining torchrun's process group if distributed), dtype,
+    backend flags and the autocast context."""
+    device = pick_device(device)
+    rank, local_rank, world_size = 0, 0, 1
+    if distributed:
+        rank, local_rank, world_size, device = init_distributed(device)
+    device_type = device.split(":")[0]
+    dtype = pick_dtype(dtype, device_type)
+    setup_backends(device_type)
+    return Runtime(rank, local_rank, world_size, device, device_type, dtype, autocast(device_type, dtype))
 
 
 def setup_backends(device_type):

@@ -12,9 +12,9 @@ import sys
 import torch
 
 import checkpoint
-from batches import load_meta
+from batches import checkpoint_meta
 from configurator import configure
-from runtime import UserError, autocast, install_error_hook, pick_device, pick_dtype, setup_backends
+from runtime import UserError, install_error_hook, setup
 
 # ----------------------------------------------------------------------------- settings
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
@@ -32,10 +32,8 @@ dtype = "auto"
 # -----------------------------------------------------------------------------
 install_error_hook()
 configure(globals(), sys.argv[1:])
-device = pick_device(device)
-device_type = "cuda" if device.startswith("cuda") else device
-dtype = pick_dtype(dtype, device_type)
-setup_backends(device_type)
+rt = setup(device, dtype)
+device = rt.device
 torch.manual_seed(seed)
 
 # the model, and the vocabulary it was trained with
@@ -45,9 +43,7 @@ if init_from == "resume":
     path = next((p for p in paths if os.path.exists(p)), paths[-1])
     state = checkpoint.load(path)
     model = checkpoint.model_from_checkpoint(state, dropout=0.0)
-    # the checkpoint carries its dataset's meta.pkl; older ones name the dataset instead
-    dataset = state.get("config", {}).get("dataset", "")
-    meta = state.get("meta") or load_meta(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset))
+    meta = checkpoint_meta(state)
     state = None
 else:
     model = checkpoint.load_pretrained(init_from)
@@ -87,7 +83,7 @@ if not start_ids:
     raise UserError("the prompt is empty: pass --start=TEXT (e.g. --start='\\n' or --start='<|endoftext|>')")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
 
-with torch.no_grad(), autocast(device_type, dtype):
+with torch.no_grad(), rt.autocast:
     for _ in range(num_samples):
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, vocab_limit=valid_vocab,
                            stop_token=eot if stop_at_eot else None)

@@ -17,11 +17,10 @@ import time
 import torch
 
 import checkpoint
-from batches import Batches
+from batches import Batches, dataset_dir
 from configurator import configure
 from model import GPT, GPTConfig
-from runtime import (UserError, autocast, can_compile, init_distributed, install_error_hook, peak_flops, pick_device,
-                     pick_dtype, setup_backends)
+from runtime import UserError, can_compile, install_error_hook, peak_flops, setup
 from training import StopSignal, estimate_loss, seed_iteration, train_step
 
 # ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
@@ -73,12 +72,10 @@ install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
 
 # ----------------------------------------------------------------------------- where and how to run
-rank, local_rank, world_size, device = init_distributed(pick_device(device))
+rt = setup(device, dtype, distributed=True)
+rank, local_rank, world_size, device, device_type, dtype, ctx = (rt.rank, rt.local_rank, rt.world_size, rt.device,
+                                                                 rt.device_type, rt.dtype, rt.autocast)
 master = rank == 0  # the process that logs and writes checkpoints
-device_type = "cuda" if device.startswith("cuda") else device
-dtype = pick_dtype(dtype, device_type)
-setup_backends(device_type)
-ctx = autocast(device_type, dtype)
 if gradient_accumulation_steps % world_size:
     raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
                     f"{world_size} processes")
@@ -95,8 +92,7 @@ if init_from == "resume":
     state = checkpoint.load(resume_path)
     checkpoint.check_model_args(state, resume_path, config, explicit)
     block_size = state["model_args"]["block_size"]
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
-batches = Batches(data_dir, block_size, batch_size, device, seed, rank)
+batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed, rank)
 
 iter_num, best_val_loss = 0, float("inf")
 torch.manual_seed(seed)  # the same initial weights on every rank and every run
