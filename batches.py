@@ -30,8 +30,20 @@ def dataset_dir(dataset):
 
 
 def checkpoint_meta(state):
-    """The vocabulary metadata a checkpoint was trained with; older checkpoints only name their dataset."""
-    return state.get("meta") or load_meta(dataset_dir(state.get("config", {}).get("dataset", "")))
+    """The vocabulary metadata a checkpoint was trained with; older (and nanoGPT's) checkpoints only name their dataset."""
+    if state.get("meta"):
+        return state["meta"]
+    data_dir = dataset_dir(state.get("config", {}).get("dataset", ""))
+    meta = load_meta(data_dir)
+    print(f"note: the checkpoint carries no vocabulary: {f'using the one in {data_dir}' if meta else 'assuming GPT-2 BPE'}")
+    return meta
+
+
+def available_datasets():
+    """The datasets under data/ (those with a prepare.py), marking the ones already prepared."""
+    root = os.path.join(REPO, "data")
+    names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "prepare.py")))
+    return ", ".join(f"{d} (prepared)" if os.path.exists(os.path.join(root, d, "train.bin")) else d for d in names)
 
 
 def load_meta(data_dir):
@@ -53,9 +65,13 @@ class Batches:
         self.block_size, self.batch_size, self.device, self.seed, self.rank = block_size, batch_size, device, seed, rank
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
         prepare = os.path.join(data_dir, "prepare.py")
+        if not os.path.isdir(data_dir):
+            raise UserError(f"no dataset at {data_dir}: --dataset is a folder under data/ ({available_datasets()}) "
+                            f"or a path to a folder holding train.bin and val.bin")
         for split, path in self.paths.items():
             if not os.path.exists(path):
-                raise UserError(f"{path} not found: run `python {prepare}` first (or set --dataset)")
+                how = f"run `python {prepare}` first" if os.path.exists(prepare) else "prepare it first"
+                raise UserError(f"{path} not found: {how} (or set --dataset; datasets here: {available_datasets()})")
             size = os.path.getsize(path)
             if size == 0:
                 raise UserError(f"{path} is empty: re-run `python {prepare}`")

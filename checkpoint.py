@@ -4,15 +4,21 @@ Crash-safe checkpoints, and building a model from scratch, a checkpoint, or GPT-
 out_dir/ckpt.pt          the latest full state (model, optimizer, ...), for init_from='resume'
 out_dir/best.pt          the model with the best val loss (weights only), for sampling and export
 out_dir/ckpt_NNNNNNN.pt  copies of the last keep_last_n ckpt.pt files (keep_last_n > 0)
+out_dir/.lock            held (flock) by the training run writing here; the kernel releases it when that run dies
 
 Every file is written to a temporary name, flushed and fsynced, then renamed over the old one in one
-atomic step, so a process killed at any moment leaves the previous checkpoint whole. Each name is its own
-file (no hard links), so editing one can never change another.
+atomic step, so a process killed at any moment leaves the previous checkpoint whole; a save that fails
+(full disk, a second Ctrl-C) removes its temporary file. Each name is its own file (no hard links), so
+editing one can never change another. best.pt is written before ckpt.pt: a kill between the two leaves a
+best.pt at least as good as ckpt.pt records, and resume (reconcile_best) takes the best of both.
 """
 
+import errno
 import glob
 import os
 import re
+import shutil
+import socket
 
 import torch
 
@@ -21,6 +27,46 @@ from runtime import UserError
 
 LATEST, BEST = "ckpt.pt", "best.pt"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what a checkpoint fixes
+
+
+def lock(out_dir):
+    """
+    Make this process the only training run writing to out_dir, or stop with one line naming the other one.
+    The lock is an flock on out_dir/.lock, so it ends with the process, however the process ends (even
+    SIGKILL): a crashed run never leaves out_dir locked. Keep the returned file open for the whole run.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs there are not protected from each other
+        return None
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"out_dir '{out_dir}' is in use by another training run ({holder}): wait for it to finish, "
+                        f"stop it, or pick another --out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
+
+
+def guard(out_dir, init_from, overwrite):
+    """A run that does not resume must not replace a trained model in out_dir unless told to (--overwrite=True)."""
+    path = os.path.join(out_dir, LATEST)
+    if init_from == "resume" or overwrite or not os.path.exists(path):
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        what = f"a model trained for {state['iter_num']} iterations (best val loss {float(state['best_val_loss']):.4f})"
+    except Exception:
+        what = "a checkpoint"
+    raise UserError(f"out_dir '{out_dir}' already holds {what}: continue it with --init_from=resume, start over "
+                    f"there with --overwrite=True (replaces it), or pick another --out_dir")
 
 
 def check_writable(out_dir):
@@ -42,31 +88,109 @@ def _fsync_dir(path):
             os.close(fd)
 
 
-def _write_atomic(path, write):
+def state_bytes(state):
+    """About how many bytes torch.save writes for state: its tensors, plus a margin for everything else."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values()) + (1 << 16) * isinstance(state.get("model"), dict)
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+class DiskFull(UserError):
+    """A save ran out of space; the previous checkpoint is intact."""
+
+
+class _Recorded:
+    """A file that remembers the exception its write raised: torch.save replaces it by a RuntimeError ('unexpected
+    pos'), which would hide whether the disk was full or a second Ctrl-C interrupted."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _write_atomic(path, obj):
+    """torch.save obj to path through a temporary file; on any failure the temporary file is removed."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            recorded = _Recorded(f)
+            try:
+                torch.save(obj, recorded)
+            except Exception:
+                if recorded.error is not None:
+                    raise recorded.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a second Ctrl-C (a UserError), anything
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(path))
+            raise DiskFull(f"disk full while saving {path}: it needs about {state_bytes(obj) / 2**20:,.1f} MiB and "
+                            f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB are free in {folder}; the previous "
+                            f"checkpoint there is intact. Free some space or pick another --out_dir") from None
+        raise
 
 
-def save(state, out_dir, is_best=False, keep_last_n=0):
-    """Write state as out_dir/ckpt.pt (and best.pt, and a snapshot), never leaving a half-written file."""
+def _snapshots(out_dir):
+    return sorted(p for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}\.pt", p))
+
+
+def save(state, out_dir, is_best=False, keep_last_n=0, replace=False):
+    """
+    Write state as out_dir/ckpt.pt (and best.pt, and a snapshot), never leaving a half-written file.
+    replace: the first save of a run that started over (--overwrite=True): the old run's best.pt and snapshots go.
+    """
     for stale in glob.glob(os.path.join(out_dir, "*.pt.*.tmp")):  # leftovers of a process killed mid-save
-        os.remove(stale)
-    latest = os.path.join(out_dir, LATEST)
-    _write_atomic(latest, lambda f: torch.save(state, f))
-    if is_best:
-        weights = {k: v for k, v in state.items() if k not in ("optimizer", "scaler")}
-        _write_atomic(os.path.join(out_dir, BEST), lambda f: torch.save(weights, f))
+        os.remove(stale)  # (no other run writes here: it would hold out_dir/.lock)
+    if replace:
+        for old in [BEST] * (not is_best and os.path.exists(os.path.join(out_dir, BEST))) + _snapshots(out_dir):
+            os.remove(os.path.join(out_dir, old))
+    if is_best:  # first, so that ckpt.pt never records a best val loss that best.pt does not hold
+        _write_atomic(os.path.join(out_dir, BEST), {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
+    _write_atomic(os.path.join(out_dir, LATEST), state)
     if keep_last_n > 0:
-        snapshot = os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt")
-        _write_atomic(snapshot, lambda f: torch.save(state, f))
-        snapshots = sorted(p for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}\.pt", p))
-        for old in snapshots[:-keep_last_n]:
+        _write_atomic(os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt"), state)
+        for old in _snapshots(out_dir)[:-keep_last_n]:
             os.remove(os.path.join(out_dir, old))
     _fsync_dir(out_dir)
+
+
+def reconcile_best(out_dir, state):
+    """
+    On resume: the best val loss of ckpt.pt and best.pt together, repairing best.pt when a kill (of an older
+    version that wrote ckpt.pt first) left it behind while ckpt.pt's own weights are the best ones.
+    """
+    best_val_loss, path = state["best_val_loss"], os.path.join(out_dir, BEST)
+    best = None
+    if os.path.exists(path):
+        try:
+            best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            best = None  # unreadable: rewritten below if ckpt.pt holds the best weights, else at the next best eval
+    best_file_loss = best.get("val_loss", best.get("best_val_loss")) if best else None
+    if best_file_loss is not None and best_file_loss <= best_val_loss:
+        return best_file_loss
+    if state.get("val_loss") is not None and state["val_loss"] <= best_val_loss:
+        _write_atomic(path, {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
+        _fsync_dir(out_dir)
+        print(f"repaired {path}: it was older than the best model ckpt.pt recorded (val loss {best_val_loss:.4f})")
+    return best_val_loss
 
 
 def load(path):
@@ -82,6 +206,23 @@ def load(path):
         raise UserError(f"{path} is corrupt or incomplete ({type(e).__name__}){hint}") from None
     if missing:
         raise UserError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(sorted(missing))})")
+    return from_nanogpt(state, path)
+
+
+def from_nanogpt(state, path):
+    """
+    karpathy/nanoGPT's ckpt.pt, read as this repo's, in memory (the file is not changed): with its default
+    compile=True the weights' names start with '_orig_mod.', there is no 'scaler' entry, best_val_loss is a
+    tensor, and without flash attention the causal mask is stored as a buffer 'attn.bias' (1, 1, T, T).
+    """
+    model, prefix = state["model"], "_orig_mod."
+    nanogpt = any(k.startswith(prefix) for k in model) or ("optimizer" in state and "scaler" not in state)
+    if nanogpt:
+        print(f"note: {path} is a nanoGPT checkpoint: reading it as one (the file is not changed)")
+    state["model"] = {k.removeprefix(prefix): v for k, v in model.items()
+                      if not (k.endswith(".attn.bias") and v.dim() == 4)}
+    if isinstance(state.get("best_val_loss"), torch.Tensor):
+        state["best_val_loss"] = state["best_val_loss"].item()
     return state
 
 
@@ -102,8 +243,14 @@ def check_model_args(state, path, config, explicit):
                             f"{k}={config[k]!r}: drop that setting, or use a new --out_dir to train from scratch")
 
 
-def load_pretrained(name_or_path, dropout=0.0):
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def load_pretrained(name_or_path, dropout=0.0, also_valid="resume"):
     """GPT-2 weights from the Hugging Face hub by name, or from a local transformers folder."""
+    if name_or_path not in GPT2_NAMES and "/" not in name_or_path and not os.path.isdir(name_or_path):
+        raise UserError(f"init_from='{name_or_path}' is not a valid value: use {also_valid}, {', '.join(GPT2_NAMES)}, "
+                        f"a hub id such as openai-community/gpt2, or a local transformers GPT-2 folder")
     try:
         return GPT.from_pretrained(name_or_path, dict(dropout=dropout))
     except ValueError as e:

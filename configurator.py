@@ -18,6 +18,48 @@ class ConfigError(ValueError):
     """A bad config key or value: printed as one line (see runtime.install_error_hook)."""
 
 
+# What each setting may be, checked after every config file and override; a script checks the keys it has.
+# Values outside these cannot work (e.g. eval_iters=0 averages no batches into a NaN loss).
+_AT_LEAST_1, _AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+RULES = {
+    **dict.fromkeys(["batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval", "log_interval",
+                     "eval_iters", "gradient_accumulation_steps", "max_bad_steps", "num_samples", "num_steps"],
+                    _AT_LEAST_1),
+    **dict.fromkeys(["max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay",
+                     "grad_clip", "keep_last_n", "temperature", "top_k", "max_new_tokens", "warmup_steps"], _AT_LEAST_0),
+    **dict.fromkeys(["dropout", "beta1", "beta2"], _FRACTION),
+}
+
+
+def check_ranges(config):
+    """Refuse, in one line naming the setting and its allowed range, a value that cannot work."""
+    for key, (ok, allowed) in RULES.items():
+        if key in config and config[key] is not None and not ok(config[key]):
+            raise ConfigError(f"{key}={config[key]!r} cannot work: {key} must be {allowed}")
+    if "n_embd" in config and "n_head" in config and config["n_embd"] % config["n_head"]:
+        raise ConfigError(f"n_embd={config['n_embd']} must be divisible by n_head={config['n_head']} "
+                          f"(each head gets n_embd / n_head dimensions)")
+
+
+def _run_config_file(path, scope):
+    """exec a config file; a Python error in it becomes one line naming the file and line."""
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), scope)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:
+        tb, line = e.__traceback__, "?"
+        while tb is not None:  # the deepest frame that is the config file itself
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    return source
+
+
 def _is_setting(name, value):
     return not name.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))
 
@@ -70,10 +112,8 @@ def configure(namespace, argv):
         if not arg.startswith("--"):  # a config file: Python that assigns settings
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg} not found (settings are given as --key=value)")
-            with open(arg) as f:
-                source = f.read()
             scope = dict(defaults)  # a config file may read the settings so far
-            exec(compile(source, arg, "exec"), scope)
+            source = _run_config_file(arg, scope)
             for node in ast.parse(source).body:  # the names the file assigns at top level are what it sets
                 if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
                     continue
@@ -88,5 +128,6 @@ def configure(namespace, argv):
             value = _parse(raw, defaults.get(key))
             defaults[key] = _check(key, value, defaults, f"--{key}={raw}")
             explicit.add(key)
+    check_ranges(defaults)
     namespace.update(defaults)
     return dict(defaults), explicit

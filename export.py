@@ -12,6 +12,7 @@ char_vocab.json ({character: id}) instead of a tokenizer. bias=False exports wit
 
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -63,10 +64,32 @@ def gpt2_state_dict(sd, reference, bias, vocab, path):
     return out
 
 
+MARKER = "export.json"  # what this script writes into every export: which checkpoint it came from
+
+
+def check_target(folder):
+    """Only an empty folder or an earlier export may be replaced, and then whole, so no stale file stays behind."""
+    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
+        raise UserError(f"--hf_dir={folder} is not empty and is not an earlier export (no {MARKER}): pick a new or "
+                        f"empty folder, or delete it first")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--hf_dir={folder} is a file: pick a folder")
+
+
+def replace_folder(new, folder):
+    """Put the finished export `new` at `folder`, replacing an earlier export there whole."""
+    old = f"{folder.rstrip(os.sep)}.old-{os.getpid()}"
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 install_error_hook()
 configure(globals(), sys.argv[1:])
 if not hf_dir:
     raise UserError("pass --hf_dir=FOLDER: where to write the transformers GPT-2 folder")
+check_target(hf_dir)
 
 names = {"best": [checkpoint.BEST, checkpoint.LATEST], "latest": [checkpoint.LATEST]}.get(ckpt, [ckpt])
 paths = [os.path.join(out_dir, name) for name in names]
@@ -112,24 +135,30 @@ except ValueError as e:
 hf.load_state_dict(gpt2_state_dict(sd, hf.state_dict(), args["bias"], vocab, path), strict=True, assign=True)
 hf.tie_weights()  # lm_head is wte again after assign=True
 
+staging = f"{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}"  # written in full first, then renamed into place
 try:
-    os.makedirs(hf_dir, exist_ok=True)
-    hf.save_pretrained(hf_dir)
+    os.makedirs(staging)
+    hf.save_pretrained(staging)
     for name, data in tokenizer_files.items():
-        with open(os.path.join(hf_dir, name), "wb") as f:
+        with open(os.path.join(staging, name), "wb") as f:
             f.write(data)
     if is_gpt2:  # tokenizer.json and tokenizer_config.json, for AutoTokenizer
         merges = [tuple(line.split(" ")) for line in tokenizer_files["merges.txt"].decode().splitlines()[1:] if line]
         GPT2TokenizerFast(vocab=json.loads(tokenizer_files["vocab.json"]), merges=merges,
-                          model_max_length=args["block_size"]).save_pretrained(hf_dir)
+                          model_max_length=args["block_size"]).save_pretrained(staging)
         tokenizer = "GPT-2 tokenizer"
     elif "stoi" in meta:
-        with open(os.path.join(hf_dir, "char_vocab.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, "char_vocab.json"), "w", encoding="utf-8") as f:
             json.dump(meta["stoi"], f, ensure_ascii=False, indent=0)
         tokenizer = "char_vocab.json (character-level, no transformers tokenizer)"
     else:
         tokenizer = f"no tokenizer files (tokenizer {meta.get('tokenizer')!r} unknown here)"
+    with open(os.path.join(staging, MARKER), "w") as f:
+        json.dump({"checkpoint": os.path.abspath(path), "iter_num": state["iter_num"], "tokenizer": tokenizer}, f)
+    replace_folder(staging, hf_dir)
 except OSError as e:
     raise UserError(f"cannot write to --hf_dir={hf_dir} ({e.strerror}): pick another folder") from None
+finally:
+    shutil.rmtree(staging, ignore_errors=True)  # only left if something failed
 print(f"exported {path} (iter {state['iter_num']}) to {hf_dir}: GPT-2 with {args['n_layer']} layers, "
       f"{args['n_head']} heads, n_embd {args['n_embd']}, {args['block_size']} positions, vocab {vocab}; {tokenizer}")

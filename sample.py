@@ -76,8 +76,12 @@ else:  # GPT-2 BPE
     eot, valid_vocab = enc.eot_token, min(enc.n_vocab, vocab_size)  # ids past n_vocab are padding, never sampled
 
 if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"not UTF-8 text ({e.reason})" if isinstance(e, UnicodeDecodeError) else e.strerror
+        raise UserError(f"--start=FILE:{start[5:]}: cannot read the prompt file ({why})") from None
 start_ids = encode(start)
 if not start_ids:
     raise UserError("the prompt is empty: pass --start=TEXT (e.g. --start='\\n' or --start='<|endoftext|>')")

@@ -33,6 +33,7 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val loss improves
 keep_last_n = 0  # also keep the last n checkpoints as ckpt_NNNNNNN.pt (0: none)
 init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+overwrite = False  # let a run that does not resume replace the checkpoints already in out_dir
 # wandb logging
 wandb_log = False
 wandb_project = "owt"
@@ -82,8 +83,10 @@ if gradient_accumulation_steps % world_size:
 accum_steps = gradient_accumulation_steps // world_size
 if decay_lr and not warmup_iters < lr_decay_iters:
     raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
-if master:
+if master and not eval_only:
     checkpoint.check_writable(out_dir)
+    out_dir_lock = checkpoint.lock(out_dir)  # one training run per out_dir; released when this process ends
+    checkpoint.guard(out_dir, init_from, overwrite)  # never replace a trained model by mistake
 
 # ----------------------------------------------------------------------------- model and data
 resume_path = os.path.join(out_dir, checkpoint.LATEST)
@@ -95,6 +98,7 @@ if init_from == "resume":
 batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed, rank)
 
 iter_num, best_val_loss = 0, float("inf")
+saved_iter = state["iter_num"] if init_from == "resume" else None  # the iteration ckpt.pt holds, once there is one
 torch.manual_seed(seed)  # the same initial weights on every rank and every run
 if init_from == "scratch":
     vocab_size = batches.vocab_size or 50304  # GPT-2's 50257 padded to a multiple of 64
@@ -102,9 +106,10 @@ if init_from == "scratch":
                           vocab_size=vocab_size, dropout=dropout))
 elif init_from == "resume":
     model = checkpoint.model_from_checkpoint(state, dropout if "dropout" in explicit else None)
-    iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+    iter_num = state["iter_num"]
+    best_val_loss = checkpoint.reconcile_best(out_dir, state) if master else state["best_val_loss"]
 else:  # OpenAI GPT-2 weights, by name or from a local folder
-    model = checkpoint.load_pretrained(init_from, dropout)
+    model = checkpoint.load_pretrained(init_from, dropout, also_valid="scratch, resume")
     if block_size > model.config.block_size:
         raise UserError(f"block_size={block_size} is longer than {init_from}'s {model.config.block_size} positions")
     model.crop_block_size(block_size)
@@ -116,7 +121,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float1
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if state is not None:
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if "scaler" in state:  # nanoGPT's checkpoints have none
+        scaler.load_state_dict(state["scaler"])
 state = None  # free the checkpoint's memory
 
 gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
@@ -145,14 +151,29 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def save_checkpoint(is_best):
+def save_checkpoint(is_best, val_loss=None):
+    global saved_iter
     if master:
         t0 = time.time()
-        checkpoint.save(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss, config=config,
-                             meta=batches.meta), out_dir, is_best, keep_last_n)
+        try:
+            checkpoint.save(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                 model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
+                                 val_loss=val_loss, config=config, meta=batches.meta), out_dir, is_best, keep_last_n,
+                            replace=init_from != "resume" and saved_iter is None)
+        except checkpoint.DiskFull as e:  # say how to go on from the checkpoint that is still there
+            raise UserError(f"{e}; then {resume_hint()}") from None
         print(f"saved {'best and latest' if is_best else 'latest'} checkpoint to {out_dir} "
               f"at iter {iter_num} ({time.time() - t0:.2f}s)")
+    saved_iter = iter_num
+
+
+def resume_hint():
+    """Where the last good checkpoint is, and the command that continues from it."""
+    if saved_iter is None:
+        return "nothing was saved, so there is nothing to resume"
+    args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--overwrite="))] + ["--init_from=resume"]
+    launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
+    return f"resume with: {launcher} train.py {' '.join(args)} ({resume_path} holds iter {saved_iter})"
 
 
 if wandb_log and master:
@@ -163,8 +184,8 @@ if wandb_log and master:
 # ----------------------------------------------------------------------------- training loop
 # Evaluation, checkpoints and stopping all happen at the top of an iteration, so a checkpoint holds
 # the state just before step iter_num, which is where a resumed run starts.
-stop = StopSignal(world_size)
-start_iter, saved_iter, healthy = iter_num, None, True
+stop = StopSignal(world_size, interrupted=lambda: f"interrupted by a second Ctrl-C at iter {iter_num}; {resume_hint()}")
+start_iter, healthy = iter_num, True
 bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
 running_mfu, t0 = -1.0, time.time()
 while True:
@@ -181,19 +202,14 @@ while True:
         best_val_loss = min(best_val_loss, losses["val"])
         healthy = math.isfinite(losses["val"])  # never overwrite a good checkpoint with a broken model
         if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
-            save_checkpoint(is_best=improved)
-            saved_iter = iter_num
+            save_checkpoint(is_best=improved, val_loss=losses["val"])
         t0 = time.time()  # leave evaluation and saving out of the step timing
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
     if iter_num >= max_iters or stopping:
         if healthy and saved_iter != iter_num and iter_num > start_iter:
             save_checkpoint(is_best=False)
         if stopping and master:
-            args = [a for a in sys.argv[1:] if not a.startswith("--init_from=")] + ["--init_from=resume"]
-            launcher = f"torchrun --nproc_per_node={world_size}" if world_size > 1 else "python"
-            how = f"resume with: {launcher} train.py {' '.join(args)}" if os.path.exists(resume_path) \
-                else "no step had finished, so there is nothing to resume"
-            print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; {how}")
+            print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; {resume_hint()}")
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate

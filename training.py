@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from batches import EVAL
+from runtime import UserError
 
 
 def seed_iteration(seed, rank, iter_num):
@@ -75,11 +76,12 @@ def estimate_loss(model, batches, eval_iters, autocast, world_size=1):
 class StopSignal:
     """
     SIGTERM (a scheduler preempting the job) or Ctrl-C asks training to stop: it finishes the current
-    step, saves a checkpoint and exits 0. A second Ctrl-C interrupts at once.
+    step, saves a checkpoint and exits 0. A second Ctrl-C interrupts at once (even mid-save) with exit 1.
     """
 
-    def __init__(self, world_size=1):
-        self.received, self.world_size, self.group = None, world_size, None
+    def __init__(self, world_size=1, interrupted=lambda: "interrupted"):
+        # interrupted(): the line to print when a second Ctrl-C interrupts at once (the last good checkpoint)
+        self.received, self.world_size, self.group, self.interrupted = None, world_size, None, interrupted
         if world_size > 1:
             import torch.distributed as dist
 
@@ -91,7 +93,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise UserError(self.interrupted())  # one line, exit 1; a checkpoint being written is left unchanged
         self.received = signal.Signals(signum).name
 
     def should_stop(self):

@@ -149,7 +149,9 @@ def trained(char_data, tmp_path_factory):
 
 def test_data_errors(tmp_path, trained):
     train = lambda *a: run("train.py", *TINY, "--max_iters=2", f"--out_dir={tmp_path / 'o'}", *a, check=False)  # noqa
-    fails(train("--dataset=no_such_dataset"), "train.bin not found", "prepare.py")
+    fails(train("--dataset=no_such_dataset"), "no dataset at", "shakespeare_char")
+    (tmp_path / "unprepared").mkdir()
+    fails(train(f"--dataset={tmp_path / 'unprepared'}"), "train.bin not found: prepare it first")
     empty = make_dataset(tmp_path / "empty", [])
     fails(train(f"--dataset={empty}"), "is empty")
     truncated = make_dataset(tmp_path / "truncated", range(100))
