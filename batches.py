@@ -30,7 +30,7 @@ def dataset_dir(dataset):
 
 
 def checkpoint_meta(state):
-    """The vocabulary metadata a checkpoint was trained with; older (and nanoGPT's) checkpoints only name their dataset."""
+    """The vocabulary metadata a checkpoint was trained with; older (and nanoGPT's) checkpoints name their dataset."""
     if state.get("meta"):
         return state["meta"]
     data_dir = dataset_dir(state.get("config", {}).get("dataset", ""))

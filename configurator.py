@@ -27,7 +27,8 @@ RULES = {
                      "eval_iters", "gradient_accumulation_steps", "max_bad_steps", "num_samples", "num_steps"],
                     _AT_LEAST_1),
     **dict.fromkeys(["max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay",
-                     "grad_clip", "keep_last_n", "temperature", "top_k", "max_new_tokens", "warmup_steps"], _AT_LEAST_0),
+                     "grad_clip", "keep_last_n", "temperature", "top_k", "max_new_tokens", "warmup_steps"],
+                    _AT_LEAST_0),
     **dict.fromkeys(["dropout", "beta1", "beta2"], _FRACTION),
 }
 

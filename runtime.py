@@ -131,9 +131,11 @@ def init_distributed(device):
 
 # ----------------------------------------------------------------------------- peak FLOP/s for MFU
 
-# dense bfloat16/float16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; longest name first
+# dense bfloat16/float16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the longest matching name wins
+# (so "NVIDIA H200 NVL" is an H200 NVL, not an H200)
 GPU_PEAK_TFLOPS = [
-    ("GH200", 989), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989), ("B200", 2250),
+    ("GH200", 989), ("H200 NVL", 835), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989),
+    ("B200", 2250),
     ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A6000", 155), ("RTX 4090", 165),
     ("RTX 3090", 71), ("V100", 125), ("T4", 65),
 ]
@@ -144,10 +146,11 @@ def peak_flops(device, dtype):
     """(FLOP/s, where the number comes from): a data sheet for known GPUs, else a timed large matmul."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in name:
-                scale = 0.5 if dtype == "float32" else 1.0  # float32 matmuls run as TF32 at half the bf16 rate
-                return tflops * 1e12 * scale, f"{name} data sheet"
+        known = [(key, tflops) for key, tflops in GPU_PEAK_TFLOPS if key in name]
+        if known:
+            key, tflops = max(known, key=lambda k: len(k[0]))
+            scale = 0.5 if dtype == "float32" else 1.0  # float32 matmuls run as TF32 at half the bf16 rate
+            return tflops * 1e12 * scale, f"{name} data sheet"
     key = (device, dtype)
     if key not in _measured_peaks:
         n, reps = (4096, 10) if device.startswith("cuda") else (1024, 5)

@@ -33,7 +33,7 @@ def no_temp_files(folder):
     return not [p for p in os.listdir(folder) if p.endswith(".tmp")]
 
 
-# ----------------------------------------------------------------------------- 1. a new run never destroys a trained one
+# ----------------------------------------------------------------------------- 1. a new run never replaces a trained one
 
 def test_a_scratch_run_does_not_replace_a_trained_model(char_data, tmp_path):
     train(char_data, tmp_path, "--max_iters=4", "--eval_interval=2")
