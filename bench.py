@@ -1,10 +1,13 @@
 """
-Time training steps (forward, backward, optimizer) through exactly the code train.py runs: training.train_step.
+Time the training step a config trains (forward, backward, optimizer), through exactly the code train.py runs:
+training.train_step, with train.py's settings, config files and overrides.
 
-    python bench.py                                          # GPT-2 124M shapes on synthetic tokens
-    python bench.py --dataset=shakespeare_char --n_layer=6 --n_head=6 --n_embd=384 --block_size=256
-    python bench.py --profile=True                           # a torch.profiler trace and the top ops instead
+    python bench.py config/train_shakespeare_char_cpu.py                # what that config trains, on its data
+    python bench.py config/train_gpt2.py --batch_size=16 --compile=True  # any train config, any override
+    python bench.py                          # GPT-2 124M (train.py's defaults) on a GPU; the CPU preset on a CPU
+    python bench.py config/train_shakespeare_char.py --profile=True     # a torch.profiler trace and the top ops
 
+The data is the config's dataset when it is prepared, else synthetic tokens (--vocab_size of them, a note says so).
 The last line is the result: `bench: 12.34 ms/iter, 45,678 tokens/s, mfu 12.3%, peak memory 456.7 MiB (...)`.
 """
 
@@ -16,38 +19,30 @@ import numpy as np
 import torch
 
 from batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
-from configurator import configure
+from configurator import configure, script_settings
 from model import GPT, GPTConfig
-from runtime import UserError, can_compile, install_error_hook, peak_flops, setup, synchronize
+from runtime import can_compile, install_error_hook, peak_flops, setup, synchronize
 from training import seed_iteration, train_step
 
-# ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
-batch_size = 12  # sequences per micro-step
-block_size = 1024  # tokens per sequence
-gradient_accumulation_steps = 1  # micro-steps per optimizer step
-n_layer = 12
-n_head = 12
-n_embd = 768
-dropout = 0.0
-bias = False
-dataset = ""  # '': synthetic random tokens; else a folder under data/ (or an absolute path), as in train.py
-vocab_size = 50304  # of the synthetic tokens (real data uses its meta.pkl's vocab, else 50304)
+REPO = os.path.dirname(os.path.abspath(__file__))
+CPU_DEFAULT = "config/train_shakespeare_char_cpu.py"  # GPT-2 124M takes seconds per step on a CPU: time this there
+GPT2_SHAPES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+               "gpt2-xl": (48, 25, 1600)}  # (n_layer, n_head, n_embd) of a finetuning config's init_from
+
+# ----------------------------------------------------------------------------- settings
+globals().update(script_settings(os.path.join(REPO, "train.py")))  # train.py's, with its defaults
+vocab_size = 50304  # of the synthetic tokens, used when the dataset is not prepared (or --dataset='')
 warmup_steps = 10  # steps run before timing (compilation, allocator and cache warmup)
 num_steps = 20  # timed steps
-learning_rate = 6e-4  # constant: no schedule
-weight_decay = 1e-1
-grad_clip = 1.0  # as train.py (0: no clipping)
-device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 > float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
-compile = True  # torch.compile the model (skipped where it does not work)
-seed = 1337
 profile = False  # instead of timing, record a few steps with torch.profiler and print the top ops
 profile_dir = "bench_profile"  # where the profiler's trace (Chrome / Perfetto JSON) goes
 # -----------------------------------------------------------------------------
 install_error_hook()
-configure(globals(), sys.argv[1:])
-if num_steps < 1 or warmup_steps < 0 or gradient_accumulation_steps < 1:
-    raise UserError("num_steps and gradient_accumulation_steps must be >= 1, warmup_steps >= 0")
+argv = sys.argv[1:]
+if not any(not a.startswith("-") for a in argv) and not torch.cuda.is_available() and "--device=cuda" not in argv:
+    print(f"no config given and no GPU: timing {CPU_DEFAULT} (name a config to time another)")
+    argv = [os.path.join(REPO, CPU_DEFAULT), *argv]
+configure(globals(), argv)
 
 rt = setup(device, dtype)
 device, device_type, dtype, ctx = rt.device, rt.device_type, rt.dtype, rt.autocast
@@ -71,21 +66,26 @@ class SyntheticBatches:
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) inputs, (B, T) next-token targets
 
 
-if dataset:
-    data_dir = dataset_dir(dataset)
-    batches = Batches(data_dir, block_size, batch_size, device, seed)
-    data_name = f"{data_dir} (vocab {batches.vocab_size or 50304})"
+prepared = bool(dataset) and os.path.exists(os.path.join(dataset_dir(dataset), "train.bin"))
+if prepared:
+    batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed)
+    data_name = f"{dataset_dir(dataset)} (vocab {batches.vocab_size or 50304})"
 else:
+    if dataset:
+        print(f"note: {dataset_dir(dataset)} is not prepared: timing synthetic tokens (vocab {vocab_size}) instead")
     batches = SyntheticBatches(vocab_size, block_size, batch_size, device, seed)
     data_name = f"synthetic tokens (vocab {vocab_size})"
+if init_from in GPT2_SHAPES:  # a finetuning config: time the GPT-2 it starts from
+    n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
+    bias = True
 torch.manual_seed(seed)
 gpt = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                     vocab_size=batches.vocab_size or 50304, dropout=dropout))
-if dataset:
+if prepared:
     batches.check_vocab(gpt.config.vocab_size)
 gpt.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type)
+optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)  # constant lr
 compiled = compile and can_compile(device_type)
 model = torch.compile(gpt) if compiled else gpt
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size

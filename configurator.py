@@ -97,6 +97,24 @@ def _parse(raw, default):
         return raw
 
 
+def script_settings(path):
+    """
+    The settings a script defines at its top: its assignments after the docstring and imports, up to its first other
+    statement. bench.py takes train.py's this way, so it reads the same config files and overrides as train.py.
+    """
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    scope = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or (isinstance(node, ast.Expr) and
+                                                              isinstance(node.value, ast.Constant)):
+            continue
+        if not isinstance(node, ast.Assign):
+            break
+        exec(compile(ast.Module([node], []), path, "exec"), scope)
+    return {k: v for k, v in scope.items() if _is_setting(k, v)}
+
+
 def configure(namespace, argv):
     """
     Apply config files and --key=value overrides in argv to the settings in `namespace` (a script's globals()),

@@ -1,4 +1,4 @@
-"""bench.py as a user runs it: a tiny model on CPU, synthetic and real data, the profiler, a bad setting."""
+"""bench.py as a user runs it: a train config, a tiny model on CPU, synthetic and real data, the profiler, a bad setting."""
 
 import gzip
 import json
@@ -8,7 +8,8 @@ import re
 from conftest import run
 
 TINY_BENCH = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-              "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2"]
+              "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2", "--dataset=",
+              "--gradient_accumulation_steps=1"]
 SUMMARY = re.compile(r"bench: ([\d.]+) ms/iter, ([\d,]+) tokens/s, mfu ([\d.]+)%, peak memory ([\d.]+) MiB \((.+)\)")
 LOSS = re.compile(r"^loss: first ([\d.]+), final ([\d.]+)$", re.M)
 
@@ -40,6 +41,27 @@ def test_synthetic_data_with_accumulation():
     assert "peak RSS" in out.strip().splitlines()[-1]
     assert abs(first - math.log(256)) < 0.1, out  # an untrained model is ~uniform over the vocabulary
     assert final < first - 0.2, out  # the Zipf-distributed tokens are learnable: it trains
+
+
+def test_a_train_config_is_timed_as_it_trains(char_data):
+    """The CPU preset's shapes, batch and data, as train.py would run them (fewer steps)."""
+    proc = run("bench.py", "config/train_shakespeare_char_cpu.py", f"--dataset={char_data}", "--warmup_steps=1",
+               "--num_steps=3")
+    out = proc.stdout
+    assert "0.80M parameters | cpu float32 | compile off | 768 tokens per iteration" in out, out  # 12 x 64 x 1
+    assert f"{char_data} (vocab 65)" in out
+    ms, tok_s, mfu, mib, _, _ = parse(out)
+    check_rates(ms, tok_s, 12 * 64)
+    print(out.strip().splitlines()[-1])  # the figures, for the log; no timing is asserted
+
+
+def test_no_config_on_a_cpu_times_the_cpu_preset(tmp_path):
+    proc = run("bench.py", "--dataset=no_such_data", "--warmup_steps=0", "--num_steps=1", "--vocab_size=65")
+    out = proc.stdout
+    assert "no config given and no GPU: timing config/train_shakespeare_char_cpu.py" in out
+    assert "no_such_data is not prepared: timing synthetic tokens (vocab 65)" in out
+    assert "0.80M parameters | cpu float32 | compile off | 768 tokens per iteration" in out, out
+    parse(out)
 
 
 def test_real_data(char_data):
