@@ -6,6 +6,8 @@ eval_hellaswag.py end to end, on a small file in the official format with small 
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -165,6 +167,35 @@ def test_ranks_share_the_examples(val_file, enc):
     assert [p.n for p in parts] == [3, 3]
     assert sum(p.acc * p.n for p in parts) == pytest.approx(whole.acc * whole.n)
     assert sum(p.acc_norm * p.n for p in parts) == pytest.approx(whole.acc_norm * whole.n)
+
+
+RANK_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+import checkpoint, hellaswag, runtime, tiktoken
+rt = runtime.setup("cpu", "float32", distributed=True)
+model, _ = checkpoint.load_for_inference("resume", sys.argv[1])
+result = hellaswag.evaluate(model, hellaswag.load_examples(sys.argv[2]), tiktoken.get_encoding("gpt2").encode_ordinary,
+                            rt.device, rank=rt.rank, world_size=rt.world_size)
+with open(f"{sys.argv[3]}/rank{rt.rank}.json", "w") as f:  # not stdout, where the ranks' lines can mix
+    json.dump([rt.world_size, *result], f)
+dist.destroy_process_group()  # as train.py ends: leaving it to exit can abort
+"""
+
+
+def test_ranks_under_torchrun_agree_on_the_whole_result(tmp_path, val_file, enc):
+    model = random_gpt(seed=1)
+    save_checkpoint(model, tmp_path / "out", GPT2_META)
+    script = tmp_path / "rank_eval.py"
+    script.write_text(RANK_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "out"), val_file, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    whole = hellaswag.evaluate(model, hellaswag.load_examples(val_file), enc.encode_ordinary)
+    for rank in (0, 1):
+        world_size, *result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert world_size == 2 and result == pytest.approx(list(whole))  # each rank scored 3, the sums are all 6
 
 
 def test_rows_longer_than_block_size_keep_their_last_tokens(enc):
