@@ -16,6 +16,7 @@ import codecs
 import sys
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
 from configurator import configure
@@ -126,8 +127,6 @@ def main():
                 finally:  # also when Ctrl-C stops an interactive sample: end its line
                     print(text.finish())
             else:
-                from tqdm import tqdm
-
                 bar = tqdm(tokens, total=max_new_tokens, desc=f"sample {i + 1}/{num_samples}", unit="tok",
                            leave=False, file=sys.stderr, delay=progress_delay, disable=None if progress else True)
                 new = [t for t in bar]  # (1, 1) tensors, kept on the device: no sync per token
