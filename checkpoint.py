@@ -263,3 +263,28 @@ def load_pretrained(name_or_path, dropout=0.0, also_valid="resume"):
                             f"{str(e).splitlines()[0]}") from None
         raise UserError(f"could not get '{name_or_path}' from the Hugging Face hub (offline?): download it where "
                         f"there is network and pass the local folder, e.g. --init_from=path/to/{name_or_path}") from None
+
+
+def find(out_dir, ckpt="best"):
+    """The checkpoint file that ckpt names: 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir."""
+    names = {"best": [BEST, LATEST], "latest": [LATEST]}.get(ckpt, [ckpt])
+    paths = [os.path.join(out_dir, name) for name in names]
+    return next((p for p in paths if os.path.exists(p)), paths[-1])
+
+
+def load_for_inference(init_from, out_dir="out", ckpt="best"):
+    """
+    (model, meta) to sample from or evaluate: a checkpoint in out_dir (init_from='resume'; ckpt is 'best': best.pt,
+    else ckpt.pt; 'latest': ckpt.pt; or a file name in out_dir) or GPT-2 weights (a hub name or a local folder).
+    The model is in eval mode on the CPU, dropout off; meta is the vocabulary it was trained with ({} for GPT-2).
+    """
+    from batches import checkpoint_meta
+
+    if init_from == "resume":
+        state = load(find(out_dir, ckpt))
+        model = model_from_checkpoint(state, dropout=0.0)
+        meta = checkpoint_meta(state)
+    else:
+        model = load_pretrained(init_from)
+        meta = {}
+    return model.eval(), meta

@@ -91,9 +91,7 @@ if not hf_dir:
     raise UserError("pass --hf_dir=FOLDER: where to write the transformers GPT-2 folder")
 check_target(hf_dir)
 
-names = {"best": [checkpoint.BEST, checkpoint.LATEST], "latest": [checkpoint.LATEST]}.get(ckpt, [ckpt])
-paths = [os.path.join(out_dir, name) for name in names]
-path = next((p for p in paths if os.path.exists(p)), paths[-1])
+path = checkpoint.find(out_dir, ckpt)
 state = checkpoint.load(path)
 args, sd = state["model_args"], state["model"]
 allowed = set(checkpoint.ARCH_KEYS) | {"dropout"}

@@ -233,6 +233,13 @@ class GPT(nn.Module):
         temperature 0 is greedy; top_k keeps the k likeliest tokens; ids >= vocab_limit (vocab padding) are never
         sampled; generation stops early once every sequence has produced stop_token.
         """
+        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k, vocab_limit, stop_token):
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, stop_token=None):
+        """generate() one step at a time: yields each new (B, 1) token as soon as it is sampled (for streaming)."""
         kv_cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.size(1) <= self.config.block_size:
@@ -255,8 +262,8 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
+            yield idx_next
             if stop_token is not None:
                 done |= idx_next.squeeze(1) == stop_token
                 if done.all():
                     break
-        return idx

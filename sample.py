@@ -4,15 +4,21 @@ Sample from a trained model, or from OpenAI's GPT-2.
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --init_from=gpt2 --start="What is the answer to life?" --num_samples=3 --max_new_tokens=100
     python sample.py --init_from=path/to/hf_gpt2_folder --start=FILE:prompt.txt
+    python sample.py --out_dir=out-shakespeare-char --stream=True     # text as it is generated
+    python sample.py --init_from=gpt2 --interactive=True               # type a prompt, get a completion
+    printf 'ROMEO:\nJULIET:\n' | python sample.py --interactive=True  # prompts from a pipe, one per line
+
+Each sample is printed with its prompt, then a line of 15 dashes. Streamed or not, the text is the same for the
+same seed. Importable: TextStream (incremental decoding) is used by the tests.
 """
 
-import os
+import codecs
 import sys
 
 import torch
+from tqdm import tqdm
 
 import checkpoint
-from batches import checkpoint_meta
 from configurator import configure
 from runtime import UserError, install_error_hook, setup
 
@@ -26,73 +32,170 @@ max_new_tokens = 500
 temperature = 0.8  # 1.0 as trained, lower is more conservative, 0 is greedy
 top_k = 200  # sample only among the top_k likeliest tokens (0: all)
 stop_at_eot = False  # end a sample at <|endoftext|> (GPT-2 BPE)
+stream = False  # print each sample as it is generated, token by token
+interactive = False  # prompts from stdin, one per line, instead of start; an empty line or Ctrl-D quits.
+#                      Unless given, num_samples is then 1 and stream True
+progress = True  # a progress bar on stderr (when it is a terminal) while a sample is generated, not streamed
+progress_delay = 1.0  # seconds before the bar appears, so short samples print without one
 seed = 1337
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
-install_error_hook()
-configure(globals(), sys.argv[1:])
-rt = setup(device, dtype)
-device = rt.device
-torch.manual_seed(seed)
+SEPARATOR = "---------------"
 
-# the model, and the vocabulary it was trained with
-if init_from == "resume":
-    names = {"best": [checkpoint.BEST, checkpoint.LATEST], "latest": [checkpoint.LATEST]}.get(ckpt, [ckpt])
-    paths = [os.path.join(out_dir, name) for name in names]
-    path = next((p for p in paths if os.path.exists(p)), paths[-1])
-    state = checkpoint.load(path)
-    model = checkpoint.model_from_checkpoint(state, dropout=0.0)
-    meta = checkpoint_meta(state)
-    state = None
-else:
-    model = checkpoint.load_pretrained(init_from)
-    meta = {}
-model.eval()
-model.to(device)
 
-vocab_size = model.config.vocab_size
-if "stoi" in meta:  # a character-level dataset
-    stoi, itos = meta["stoi"], meta["itos"]
-    if len(itos) > vocab_size:
-        raise UserError(f"the dataset's vocabulary has {len(itos)} characters but the model only {vocab_size} tokens")
+class TextStream:
+    """
+    Text from token ids as they are generated, never printing a broken character. token_bytes(id) gives a token's
+    bytes, and a GPT-2 BPE token may hold only part of a multi-byte UTF-8 character (an emoji, a CJK character):
+    push() returns the longest prefix of the bytes so far that is complete text and keeps the rest for the next
+    token; finish() returns what is left. Joined, the pieces equal bytes.decode('utf-8', errors='replace') of all
+    the bytes at once, which is what tiktoken's decode does, so a streamed sample is identical to a printed one.
+    """
 
-    def encode(s):
-        unknown = sorted(set(s) - set(stoi))
-        if unknown:
-            raise UserError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
-        return [stoi[c] for c in s]
+    def __init__(self, token_bytes):
+        self.token_bytes = token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def decode(ids):
-        return "".join(itos[i] for i in ids)
+    def push(self, ids):
+        return self.decoder.decode(b"".join(self.token_bytes(i) for i in ids))
 
-    eot, valid_vocab = None, len(itos)
-else:  # GPT-2 BPE
-    import tiktoken
+    def finish(self):
+        return self.decoder.decode(b"", final=True)
 
-    enc = tiktoken.get_encoding(meta.get("tokenizer", "gpt2"))
-    encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
-    decode = enc.decode
-    eot, valid_vocab = enc.eot_token, min(enc.n_vocab, vocab_size)  # ids past n_vocab are padding, never sampled
 
-if start.startswith("FILE:"):
+def main():
+    global num_samples, stream
+    install_error_hook()
+    _, explicit = configure(globals(), sys.argv[1:])
+    rt = setup(device, dtype)
+    torch.manual_seed(seed)
+
+    # the model, and the vocabulary it was trained with
+    model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
+    model.to(rt.device)
+
+    vocab_size = model.config.vocab_size
+    if "stoi" in meta:  # a character-level dataset
+        stoi, itos = meta["stoi"], meta["itos"]
+        if len(itos) > vocab_size:
+            raise UserError(f"the dataset's vocabulary has {len(itos)} characters but the model only {vocab_size} tokens")
+
+        def encode(s):
+            unknown = sorted(set(s) - set(stoi))
+            if unknown:
+                raise UserError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
+            return [stoi[c] for c in s]
+
+        def decode(ids):
+            return "".join(itos[i] for i in ids)
+
+        def token_bytes(i):
+            return itos[i].encode("utf-8")
+
+        eot, valid_vocab = None, len(itos)
+    else:  # GPT-2 BPE
+        import tiktoken
+
+        enc = tiktoken.get_encoding(meta.get("tokenizer", "gpt2"))
+        encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
+        decode = enc.decode
+        token_bytes = enc.decode_single_token_bytes
+        eot, valid_vocab = enc.eot_token, min(enc.n_vocab, vocab_size)  # ids past n_vocab are padding, never sampled
+
+    if interactive:  # one completion per prompt, as it is written, unless asked otherwise
+        num_samples = num_samples if "num_samples" in explicit else 1
+        stream = stream if "stream" in explicit else True
+
+    def write_samples(start_ids):
+        """num_samples continuations of the prompt, each printed with the prompt and followed by SEPARATOR."""
+        x = torch.tensor(start_ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
+        for i in range(num_samples):
+            tokens = model.generate_tokens(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                           vocab_limit=valid_vocab, stop_token=eot if stop_at_eot else None)
+            if stream:
+                text = TextStream(token_bytes)
+                sys.stdout.write(text.push(start_ids))
+                sys.stdout.flush()
+                try:
+                    for t in tokens:
+                        t = t.item()
+                        if stop_at_eot and t == eot:
+                            break
+                        sys.stdout.write(text.push([t]))
+                        sys.stdout.flush()
+                finally:  # also when Ctrl-C stops an interactive sample: end its line
+                    print(text.finish())
+            else:
+                bar = tqdm(tokens, total=max_new_tokens, desc=f"sample {i + 1}/{num_samples}", unit="tok",
+                           leave=False, file=sys.stderr, delay=progress_delay, disable=None if progress else True)
+                new = [t for t in bar]  # (1, 1) tensors, kept on the device: no sync per token
+                new = torch.cat(new, dim=1)[0].tolist() if new else []
+                if stop_at_eot and eot in new:
+                    new = new[:new.index(eot)]
+                print(decode(start_ids + new))
+            print(SEPARATOR, flush=True)
+
+    with torch.no_grad(), rt.autocast:
+        if interactive:
+            prompt_loop(encode, write_samples)
+            return
+        prompt = start
+        if prompt.startswith("FILE:"):
+            try:
+                with open(prompt[5:], encoding="utf-8") as f:
+                    prompt = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                why = f"not UTF-8 text ({e.reason})" if isinstance(e, UnicodeDecodeError) else e.strerror
+                raise UserError(f"--start=FILE:{prompt[5:]}: cannot read the prompt file ({why})") from None
+        start_ids = encode(prompt)
+        if not start_ids:
+            raise UserError("the prompt is empty: pass --start=TEXT (e.g. --start='\\n' or --start='<|endoftext|>')")
+        write_samples(start_ids)
+
+
+def prompt_loop(encode, write_samples):
+    """
+    Read prompts from stdin, one per line, and complete each; an empty line or end of input (Ctrl-D) quits.
+    On a terminal a '>>> ' marker asks for each prompt (on stderr when stdout is redirected) and Ctrl-C stops the
+    sample being written; from a pipe nothing but the samples is printed. A prompt the model cannot read (a
+    character it never saw) gets one 'error:' line on stderr and the loop goes on.
+    """
+    tty = sys.stdin.isatty()
+    if tty:
+        print("type a prompt and press Enter; an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            if not tty:
+                line = sys.stdin.readline()
+                if not line:  # end of input
+                    break
+                line = line.rstrip("\r\n")
+            elif sys.stdout.isatty():
+                line = input(">>> ")
+            else:
+                print(">>> ", end="", file=sys.stderr, flush=True)
+                line = input()
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                print(file=sys.stderr)
+            break
+        if not line:
+            break
+        try:
+            start_ids = encode(line)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        try:
+            write_samples(start_ids)
+        except KeyboardInterrupt:  # Ctrl-C stops this prompt's samples, not the session
+            print(SEPARATOR, flush=True)
+
+
+if __name__ == "__main__":
     try:
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        why = f"not UTF-8 text ({e.reason})" if isinstance(e, UnicodeDecodeError) else e.strerror
-        raise UserError(f"--start=FILE:{start[5:]}: cannot read the prompt file ({why})") from None
-start_ids = encode(start)
-if not start_ids:
-    raise UserError("the prompt is empty: pass --start=TEXT (e.g. --start='\\n' or --start='<|endoftext|>')")
-x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]  # (1, T)
-
-with torch.no_grad(), rt.autocast:
-    for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, vocab_limit=valid_vocab,
-                           stop_token=eot if stop_at_eot else None)
-        new = y[0, len(start_ids):].tolist()
-        if stop_at_eot and eot in new:
-            new = new[:new.index(eot)]
-        print(decode(start_ids + new))
-        print("---------------")
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly
+        print(file=sys.stderr)
+        sys.exit(130)
