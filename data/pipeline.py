@@ -191,6 +191,7 @@ _WORK = None  # (dataset, field, fn) in each worker process
 def _init_worker(dataset, field, fn):
     global _WORK
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops the pool and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: the pool stops workers with SIGTERM
     _WORK = (dataset, field, fn)
 
 

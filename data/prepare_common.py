@@ -145,10 +145,13 @@ def write_dataset(out_dir, splits, meta):
     over from before, which batches.py reports, should the process die between the renames.
     """
     t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_stale_temps(out_dir)
     tmp = os.path.join(out_dir, f"{TEMP_PREFIX}{os.getpid()}.tmp")
-    os.makedirs(tmp)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        _remove_stale_temps(out_dir)
+        os.makedirs(tmp)
+    except OSError as e:
+        fail(f"cannot write to {out_dir} ({e.strerror or e}): pass another --out_dir")
     meta = {"format": FORMAT_VERSION, **meta, "dtype": token_dtype(meta["vocab_size"])}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -167,12 +170,16 @@ def write_dataset(out_dir, splits, meta):
         if os.path.exists(os.path.join(out_dir, "meta.pkl")):  # an older prepare's metadata, now out of date
             os.remove(os.path.join(out_dir, "meta.pkl"))
         _fsync_dir(out_dir)
-    except KeyboardInterrupt:
-        fail(f"interrupted; {out_dir} is as it was before this prepare")
-    except OSError as e:
-        fail(f"could not write to {out_dir} ({e.strerror or e}); the dataset there is as it was before: free some "
-             f"disk space or pass another --out_dir")
-    except BadInput as e:
+    except (KeyboardInterrupt, OSError, BadInput) as e:
+        for chunks in splits.values():  # stop the tokenizing processes and close their progress bars, then say why
+            if hasattr(chunks, "close"):
+                chunks.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            fail(f"interrupted; {out_dir} is as it was before this prepare")
+        if isinstance(e, OSError):
+            fail(f"could not write to {out_dir} ({e.strerror or e}); the dataset there is as it was before: free "
+                 f"some disk space or pass another --out_dir")
         fail(f"{e}; {out_dir} is as it was before this prepare")
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -183,5 +190,7 @@ def write_dataset(out_dir, splits, meta):
         in_docs = f" in {docs:,} documents" if docs is not None else ""
         print(f"{split} has {meta['tokens'][split]:,} tokens{in_docs} ({meta['tokens'][split] * itemsize:,} bytes, "
               f"{meta['dtype']})")
-    print(f"wrote {os.path.join(out_dir, 'train.bin')}, val.bin and meta.json ({time.time() - t0:.1f}s)")
+    seconds = time.time() - t0
+    print(f"wrote {os.path.join(out_dir, 'train.bin')}, val.bin and meta.json in {seconds:.1f}s "
+          f"({sum(meta['tokens'].values()) / seconds:,.0f} tokens/s)")
     return meta
