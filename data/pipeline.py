@@ -33,6 +33,7 @@ from prepare_common import BadInput, fail, gpt2_encoding, token_dtype, write_dat
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 BATCH_DOCS = 512  # documents per task: enough to amortize passing it between processes, little enough to keep RAM low
+TASKS_PER_WORKER = 100  # batches a tokenizing process does before a fresh one takes over
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file kind -> datasets builder
 SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --split_by -> the text builder's sample_by
 
@@ -157,32 +158,22 @@ def load_documents(args):
 def encode_gpt2(texts):
     """GPT-2 BPE ids of each document followed by the end-of-text token, as one array."""
     enc = gpt2_encoding()  # cached by tiktoken: loaded once per process
+    eot = np.array([GPT2_EOT], dtype=np.uint16)
     ids = []
-    for text in texts:
-        ids += enc.encode_ordinary(text)  # ordinary: a literal "<|endoftext|>" in the text is plain text
-        ids.append(GPT2_EOT)
-    return np.array(ids, dtype=np.uint16)
+    for text in texts:  # one document's ids at a time as Python ints (36 bytes each), then 2 bytes each
+        ids += [np.array(enc.encode_ordinary(text), dtype=np.uint16), eot]  # ordinary: "<|endoftext|>" is text
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
 
 
 def encode_chars(texts, codepoints, dtype):
     """Character ids (positions in the sorted codepoints) of each document followed by a newline."""
-    text = "\n".join(texts) + "\n"
+    text = "".join(t + "\n" for t in texts)
     points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     return np.searchsorted(codepoints, points).astype(dtype)
 
 
 def chars_of(texts):
     return "".join(set().union(*texts))
-
-
-def _batch(dataset, field, fn, start):
-    """fn of the non-empty documents in rows [start, start + BATCH_DOCS): (result, rows, documents)."""
-    texts = dataset[start:start + BATCH_DOCS][field]
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise BadInput(f"row {start + i:,} of a split has a {field!r} of type {type(text).__name__}, not text")
-    docs = [t for t in texts if t]  # an empty document adds nothing, not even an end-of-text token
-    return fn(docs), len(texts), len(docs)
 
 
 _WORK = None  # (dataset, field, fn) in each worker process
@@ -196,20 +187,26 @@ def _init_worker(dataset, field, fn):
 
 
 def _worker_batch(start):
-    return _batch(*_WORK, start)
+    """fn of the non-empty documents in rows [start, start + BATCH_DOCS): (result, rows, documents)."""
+    dataset, field, fn = _WORK
+    texts = dataset[start:start + BATCH_DOCS][field]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise BadInput(f"row {start + i:,} of a split has a {field!r} of type {type(text).__name__}, not text")
+    docs = [t for t in texts if t]  # an empty document adds nothing, not even an end-of-text token
+    return fn(docs), len(texts), len(docs)
 
 
 def in_batches(fn, dataset, field, num_proc):
-    """(fn(documents), rows, documents) for consecutive batches of the dataset, in order. num_proc processes
-    work on at most 2 * num_proc batches at a time, so memory stays bounded whatever the corpus size."""
+    """(fn(documents), rows, documents) for consecutive batches of the dataset, in order. num_proc processes work
+    on at most 2 * num_proc batches at a time, so memory stays bounded whatever the corpus size."""
     starts = range(0, len(dataset), BATCH_DOCS)
-    if num_proc == 1 or len(starts) == 1:
-        for start in starts:
-            yield _batch(dataset, field, fn, start)
-        return
     # fork starts workers that already hold the dataset and the tokenizer; elsewhere spawn pickles them over
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with context.Pool(min(num_proc, len(starts)), _init_worker, (dataset, field, fn)) as pool:
+    # each worker is replaced after TASKS_PER_WORKER batches: the pages of the memory-mapped corpus that it read
+    # (resident memory too, until the process ends) never add up to more than that
+    with context.Pool(max(1, min(num_proc, len(starts))), _init_worker, (dataset, field, fn),
+                      maxtasksperchild=TASKS_PER_WORKER) as pool:
         pending = collections.deque()
         for start in starts:
             pending.append(pool.apply_async(_worker_batch, (start,)))
