@@ -192,8 +192,9 @@ class Batches:
             theirs, what = GPT2_META, init_from  # OpenAI's GPT-2, by name or from a folder
         if self.meta["tokenizer"] != theirs["tokenizer"]:
             raise UserError(f"{self.data_dir} is in {_tokenizer_name(self.meta)} but {what} was trained on "
-                            f"{_tokenizer_name(theirs)}: prepare the data with that tokenizer (e.g. data/text/prepare.py "
-                            f"--tokenizer={theirs['tokenizer']}), or train from scratch (--init_from=scratch)")
+                            f"{_tokenizer_name(theirs)}: prepare the data with that tokenizer (e.g. "
+                            f"data/text/prepare.py --tokenizer={theirs['tokenizer']}), or train from scratch "
+                            f"(--init_from=scratch)")
         if self.meta.get("stoi") != theirs.get("stoi"):
             raise UserError(f"{self.data_dir} numbers its characters differently from the data {what} was trained on: "
                             f"prepare it from the same text, or train from scratch (--init_from=scratch)")

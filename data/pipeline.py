@@ -44,7 +44,7 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
         p.add_argument("data_files", nargs="+", metavar="PATH", help="text, JSON lines or parquet files, or folders")
     else:
         p.add_argument("--data_files", nargs="+", metavar="PATH",
-                       help="local .txt, .jsonl/.json or .parquet files, or folders of them, instead of the hub dataset")
+                       help="local .txt, .jsonl/.json or .parquet files or folders, instead of the hub dataset")
     p.add_argument("--out_dir", "--out", default=out_dir, help="where to write train.bin, val.bin, meta.json")
     p.add_argument("--hub_dataset", help="a dataset on the Hugging Face hub")
     p.add_argument("--name", help="the hub dataset's configuration (subset)")
@@ -75,9 +75,12 @@ def local_files(paths):
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-                           if os.path.splitext(name)[1] in LOADERS and not name.startswith(".")
-                           and name != "meta.json")  # a prepared dataset's metadata is no document
+            found = []
+            for folder, subfolders, names in os.walk(path):
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # caches, a prepare's temp files
+                found += [os.path.join(folder, name) for name in names if os.path.splitext(name)[1].lower() in LOADERS
+                          and not name.startswith(".") and name != "meta.json"]  # a dataset's metadata: no text
+            found.sort()
             if not found:
                 fail(f"{path} holds no .txt, .jsonl, .json or .parquet files")
             files += found
@@ -90,7 +93,7 @@ def local_files(paths):
             files += matches
     kinds = collections.defaultdict(list)
     for f in files:
-        kinds[LOADERS.get(os.path.splitext(f)[1])].append(f)
+        kinds[LOADERS.get(os.path.splitext(f)[1].lower())].append(f)
     if None in kinds:
         fail(f"{kinds[None][0]}: not a .txt, .jsonl, .json or .parquet file")
     if len(kinds) > 1:

@@ -7,14 +7,14 @@ way nanoGPT prepares it, for train.py --dataset=openwebtext (config/train_gpt2.p
     python data/openwebtext/prepare.py --data_files=owt/  # local parquet or .jsonl files ({"text": ...} per line)
 
 What it loads: load_dataset("Skylion007/openwebtext", revision="cf22a3730519fbb9629cd35ddf1669bbfe9e2b97",
-split="train"), a pinned commit of the dataset's own parquet conversion (its pull request refs/pr/18, "Delete
-dataset script": the text as parquet shards data/train-000NN-of-00093.parquet, and no loading script, which
-datasets 5.x refuses to run: load_dataset("openwebtext") at the repo's main revision fails with "Dataset scripts
-are no longer supported"). Local files: --data_files takes parquet files, .jsonl files or folders of them, with
-the text in a "text" column (--text_field=NAME for another); e.g. those shards downloaded elsewhere with
-`huggingface-cli download Skylion007/openwebtext --repo-type=dataset --revision=<that commit> --local-dir=owt`.
-Not a substitute: the hub's automatic conversion (--revision=refs/convert/parquet) holds only the first shards
-of the corpus ("partial-train").
+split="train"), a pinned commit of the dataset's own parquet conversion (its pull request refs/pr/18, last commit
+"Delete dataset script"): the text as parquet shards data/train-000NN-of-00093.parquet and no loading script.
+nanoGPT's load_dataset("openwebtext") runs the repo's loading script, which datasets 5.x refuses ("Dataset
+scripts are no longer supported", nanoGPT issue 633). Local files: --data_files takes parquet files, .jsonl files
+or folders of them, with the text in a "text" column (--text_field=NAME for another); e.g. those shards fetched
+where there is network with `huggingface-cli download Skylion007/openwebtext --repo-type=dataset
+--revision=<that commit> --local-dir=owt`. Not a substitute: the hub's automatic conversion
+(--revision=refs/convert/parquet) holds only part of the corpus (its "partial-train" folder).
 
 Then nanoGPT's recipe: train_test_split(test_size=0.0005, seed=2357, shuffle=True) for the validation documents,
 and each document as encode_ordinary(text) followed by the end-of-text token 50256, in uint16. nanoGPT's counts,
