@@ -123,8 +123,8 @@ def load_documents(args):
             train = load_dataset(loader, data_files=files, split="train", num_proc=procs if procs > 1 else None,
                                  **options)
         except Exception as e:
-            fail(f"could not read {args.data_files[0] if len(files) == 1 else f'the {len(files)} files'} "
-                 f"({_reason(e)})")
+            fail(f"could not read {files[0] if len(files) == 1 else f'the {len(files)} {loader} files'} "
+                 f"({_reason(e)}): each must be UTF-8 text, JSON lines or parquet, as its name says")
         val = None
     else:
         source = {"hub_dataset": args.hub_dataset, "name": args.name, "revision": args.revision, "split": args.split}
@@ -152,7 +152,10 @@ def load_documents(args):
         fail(f"{where} gives {len(train)} document(s), and a validation split needs at least 2: "
              f"add files, or use --split_by=paragraph or --split_by=line")
     source["val"] = f"{args.val_fraction} of the documents, seed {args.seed}"
-    parts = train.train_test_split(test_size=args.val_fraction, seed=args.seed, shuffle=True)
+    try:
+        parts = train.train_test_split(test_size=args.val_fraction, seed=args.seed, shuffle=True)
+    except ValueError as e:  # a share that leaves no training documents
+        fail(f"--val_fraction={args.val_fraction} of {len(train):,} documents: {e}")
     return parts["train"], parts["test"], source
 
 
@@ -252,7 +255,8 @@ def main(description, out_dir, paths_positional=False, **defaults):
     args = parse_args(description, out_dir, paths_positional, **defaults)
     train, val, source = load_documents(args)
     splits = {"train": train, "val": val}
-    print(f"{len(train):,} train and {len(val):,} val documents from {source.get('hub_dataset') or args.data_files}")
+    print(f"{len(train):,} train and {len(val):,} val documents from "
+          f"{source.get('hub_dataset') or ', '.join(args.data_files)}")
     field, documents = args.text_field, {}  # documents: filled in as the splits are tokenized
     meta = {"tokenizer": args.tokenizer, "documents": documents, "source": source}
     if args.tokenizer == "gpt2":
