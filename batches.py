@@ -117,8 +117,8 @@ def largest_id(path, dtype):
 
 
 def load_meta(data_dir):
-    """The dataset's metadata as plain_meta gives it. A folder without any is GPT-2 BPE in uint16, once its ids
-    are checked to fit; if they do not, or are not there to check, it is an error."""
+    """The dataset's metadata as plain_meta gives it. A folder without any is GPT-2 BPE in uint16 once its ids
+    are checked to fit (an error if they do not), or when it has no bins to check, as for an old checkpoint."""
     meta, path = read_metadata(data_dir)
     if meta is not None:
         return plain_meta(meta, path)
@@ -142,9 +142,8 @@ class Batches:
         stored, meta_path = read_metadata(data_dir)
         counts = stored.get("tokens") if isinstance(stored, dict) else None  # meta.json's, for the bins it wrote
         self.dtype = np.dtype(self.meta["dtype"])
-        self.data_dir, self.block_size, self.batch_size, self.device, self.seed, self.rank = (data_dir, block_size,
-                                                                                              batch_size, device, seed,
-                                                                                              rank)
+        self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
+        self.device, self.seed, self.rank = device, seed, rank
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
         self.prepare = prepare = os.path.join(data_dir, "prepare.py")
         for split, path in self.paths.items():

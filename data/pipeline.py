@@ -4,8 +4,8 @@ only set its defaults): documents in, train.bin / val.bin / meta.json out (the f
 
     documents  a Hugging Face hub dataset: load_dataset(--hub_dataset, name=--name, revision=--revision,
                split=--split), or local files: load_dataset("text" | "json" | "parquet", data_files=--data_files)
-    val split  the source's own (--val_split), else a fixed-seed sample of the documents:
-               train_test_split(test_size=--val_fraction, seed=--seed, shuffle=True), nanoGPT's recipe
+    val split  the source's own (--val_split), else a fixed-seed sample of the documents: those that nanoGPT's
+               train_test_split(test_size=--val_fraction, seed=--seed, shuffle=True) picks, in source order
     tokens     --tokenizer=gpt2: tiktoken's encode_ordinary(document) then GPT-2's end-of-text token (50256),
                for every document; --tokenizer=char: the document's characters then a newline (no end-of-text
                token exists), the vocabulary being every character of the corpus. Empty documents are skipped.
@@ -19,6 +19,7 @@ import argparse
 import collections
 import datetime
 import glob
+import math
 import multiprocessing
 import os
 import signal
@@ -33,7 +34,7 @@ from prepare_common import BadInput, fail, gpt2_encoding, token_dtype, write_dat
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 BATCH_DOCS = 512  # documents per task: enough to amortize passing it between processes, little enough to keep RAM low
-TASKS_PER_WORKER = 100  # batches a tokenizing process does before a fresh one takes over
+TASKS_PER_WORKER = 20  # batches a tokenizing process does before a fresh one takes over
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file kind -> datasets builder
 SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --split_by -> the text builder's sample_by
 
@@ -152,11 +153,21 @@ def load_documents(args):
         fail(f"{where} gives {len(train)} document(s), and a validation split needs at least 2: "
              f"add files, or use --split_by=paragraph or --split_by=line")
     source["val"] = f"{args.val_fraction} of the documents, seed {args.seed}"
-    try:
-        parts = train.train_test_split(test_size=args.val_fraction, seed=args.seed, shuffle=True)
-    except ValueError as e:  # a share that leaves no training documents
-        fail(f"--val_fraction={args.val_fraction} of {len(train):,} documents: {e}")
-    return parts["train"], parts["test"], source
+    train, val = split_off_validation(train, args.val_fraction, args.seed)
+    return train, val, source
+
+
+def split_off_validation(dataset, fraction, seed):
+    """
+    The documents that nanoGPT's dataset.train_test_split(test_size=fraction, seed=seed, shuffle=True) puts in
+    each split (the same random permutation), each split in the source's order rather than shuffled: batches of
+    documents are then read from consecutive rows, which keeps reading the corpus sequential on disk and in memory.
+    """
+    permutation = np.random.default_rng(seed).permutation(len(dataset))
+    n_val = math.ceil(fraction * len(dataset))
+    if n_val >= len(dataset):
+        fail(f"--val_fraction={fraction} of {len(dataset):,} documents leaves none to train on")
+    return dataset.select(np.sort(permutation[n_val:])), dataset.select(np.sort(permutation[:n_val]))
 
 
 # ----------------------------------------------------------------------------- tokens, in parallel and in order

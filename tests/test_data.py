@@ -63,11 +63,11 @@ def read_bins(out):
 
 
 def nanogpt_split(docs, fraction, seed=2357):
-    """nanoGPT's validation split of the documents (empty ones then dropped, as the pipeline does)."""
+    """The documents nanoGPT's train_test_split puts in each split, in the corpus's order, without empty ones."""
     from datasets import Dataset
 
-    parts = Dataset.from_dict({"text": docs}).train_test_split(test_size=fraction, seed=seed, shuffle=True)
-    return [t for t in parts["train"]["text"] if t], [t for t in parts["test"]["text"] if t]
+    parts = Dataset.from_dict({"row": range(len(docs))}).train_test_split(test_size=fraction, seed=seed, shuffle=True)
+    return [[docs[i] for i in sorted(parts[split]["row"]) if docs[i]] for split in ("train", "test")]
 
 
 def gpt2_tokens(docs):

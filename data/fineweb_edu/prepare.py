@@ -7,8 +7,8 @@ FineWeb-Edu (web pages that a classifier rated educational) in GPT-2 BPE tokens,
     python data/fineweb_edu/prepare.py --data_files=fw/     # local parquet files (a "text" column)
 
 What it loads: load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train") (parquet files; the
-only split is train), column "text". The validation documents are a fixed sample, train_test_split(test_size=
-0.0005, seed=2357, shuffle=True), about 4,800 documents and 5M tokens. Each document is encode_ordinary(text)
+only split is train), column "text". The validation documents are a fixed sample, those train_test_split(
+test_size=0.0005, seed=2357, shuffle=True) picks: about 4,800 documents and 5M tokens. Each document is encode_ordinary(text)
 followed by the end-of-text token 50256, in uint16: train.bin ~20 GB for sample-10BT (2 bytes a token), beside
 the download and its Arrow copy in the Hugging Face cache.
 """

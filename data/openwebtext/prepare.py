@@ -16,8 +16,10 @@ where there is network with `huggingface-cli download Skylion007/openwebtext --r
 --revision=<that commit> --local-dir=owt`. Not a substitute: the hub's automatic conversion
 (--revision=refs/convert/parquet) holds only part of the corpus (its "partial-train" folder).
 
-Then nanoGPT's recipe: train_test_split(test_size=0.0005, seed=2357, shuffle=True) for the validation documents,
-and each document as encode_ordinary(text) followed by the end-of-text token 50256, in uint16. nanoGPT's counts,
+Then nanoGPT's recipe: the validation documents are those of train_test_split(test_size=0.0005, seed=2357,
+shuffle=True) (each split is written in the source's order, where nanoGPT writes it shuffled: the same documents
+and tokens, read sequentially), and each document is encode_ordinary(text) followed by the end-of-text token
+50256, in uint16. nanoGPT's counts,
 the reference to check against: 8,009,762 train / 4,007 val documents; 9,035,582,198 train / 4,434,897 val
 tokens; train.bin ~17 GB (18.1e9 bytes), val.bin ~8.9 MB. nanoGPT notes ~54 GB in the Hugging Face cache for the
 download and its Arrow copy.
