@@ -1,16 +1,21 @@
 """
-Token batches from the train.bin / val.bin files that data/<dataset>/prepare.py writes.
+Token batches from the train.bin / val.bin files that data/<dataset>/prepare.py writes, and their metadata.
 
-A .bin file is a flat stream of token ids (uint16, or uint32 when meta.pkl says so). meta.pkl, when present,
-holds vocab_size, the dtype, and either the char vocabulary (stoi, itos) or the tokenizer name ("gpt2").
+A .bin file is a flat stream of token ids, uint16 or uint32 as meta.json says (data/prepare_common.py has the
+format). nanoGPT-style folders with a meta.pkl instead still work: it is read by an unpickler that builds only
+plain dicts, lists, strings and numbers, so a pickle in a downloaded data folder cannot run code. A folder with
+no metadata at all is read as GPT-2 BPE in uint16, after a check that its ids fit, said in one line.
 
 Each batch is a pure function of (seed, rank, split, iteration, micro-step): resuming at iteration k draws
 exactly the batches an uninterrupted run would, with no sampler state to save, and every evaluation scores
 the same eval_iters batches, so changes in val loss are the model's, not sampling noise.
 """
 
+import io
+import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import torch
@@ -19,6 +24,9 @@ from runtime import UserError
 
 TRAIN_STEP, EVAL = 0, 1  # streams of batches that never overlap
 SPLITS = ("train", "val")
+GPT2_META = {"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2"}  # also what OpenAI's GPT-2 was trained on
+DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}  # token dtype -> how many ids it holds
+SAMPLE_TOKENS = 10_000_000  # at most this many tokens per split are read to find the largest id
 
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -32,11 +40,11 @@ def dataset_dir(dataset):
 def checkpoint_meta(state):
     """The vocabulary metadata a checkpoint was trained with; older (and nanoGPT's) checkpoints name their dataset."""
     if state.get("meta"):
-        return state["meta"]
+        return plain_meta(state["meta"], "the checkpoint's metadata")
     data_dir = dataset_dir(state.get("config", {}).get("dataset", ""))
-    meta = load_meta(data_dir)
-    print(f"note: the checkpoint carries no vocabulary: {f'using the one in {data_dir}' if meta else 'assuming GPT-2 BPE'}")
-    return meta
+    found = read_metadata(data_dir)[1]
+    print(f"note: the checkpoint carries no vocabulary: {f'using {found}' if found else 'assuming GPT-2 BPE'}")
+    return load_meta(data_dir)
 
 
 def available_datasets():
@@ -46,28 +54,111 @@ def available_datasets():
     return ", ".join(f"{d} (prepared)" if os.path.exists(os.path.join(root, d, "train.bin")) else d for d in names)
 
 
-def load_meta(data_dir):
-    """meta.pkl as a dict, or {} when the dataset has none (then: GPT-2 BPE in uint16)."""
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, strings, numbers, booleans and None, which need no class lookup; refuses the
+    rest, and with it every way a pickle can call a function (os.system, eval, ...)."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def read_metadata(data_dir):
+    """(metadata as stored, its path): meta.json, else a legacy meta.pkl, else (None, None)."""
+    path = os.path.join(data_dir, "meta.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f), path
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run that dataset's prepare.py") from None
     path = os.path.join(data_dir, "meta.pkl")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run that dataset's prepare.py") from None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                return _PlainUnpickler(io.BytesIO(f.read())).load(), path
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{path} is refused: {e}, and a data file needs nothing but plain values (a pickle can "
+                            f"run code when loaded). Delete it and re-run that dataset's prepare.py, which writes "
+                            f"meta.json") from None
+        except Exception as e:
+            raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run that dataset's prepare.py") from None
+    return None, None
+
+
+def plain_meta(meta, where):
+    """
+    meta.json, a nanoGPT meta.pkl or a checkpoint's metadata as the dict the scripts use: vocab_size, dtype,
+    tokenizer ('gpt2' for GPT-2 BPE, 'char' for characters) and, for characters, stoi (str -> int) and itos
+    (int -> str).
+    """
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} is not a dict of metadata; re-run that dataset's prepare.py")
+    itos = None
+    if "vocab" in meta:  # meta.json: the characters in id order
+        itos = dict(enumerate(meta["vocab"]))
+    elif "itos" in meta:  # meta.pkl or a checkpoint; JSON would have made the keys strings
+        itos = {int(i): ch for i, ch in meta["itos"].items()}
+    plain = {"vocab_size": meta.get("vocab_size") or (len(itos) if itos else GPT2_META["vocab_size"]),
+             "dtype": meta.get("dtype", "uint16"),
+             "tokenizer": meta.get("tokenizer") or ("char" if itos is not None else "gpt2")}
+    if plain["dtype"] not in DTYPES:
+        raise UserError(f"{where} says dtype {plain['dtype']!r}; this repo reads {' and '.join(DTYPES)} tokens")
+    if not isinstance(plain["vocab_size"], int) or not 0 < plain["vocab_size"] <= DTYPES[plain["dtype"]]:
+        raise UserError(f"{where} says vocab_size {plain['vocab_size']!r}, which {plain['dtype']} cannot hold: re-run "
+                        f"that dataset's prepare.py")
+    if itos is not None:
+        plain["stoi"] = {ch: i for i, ch in itos.items()}
+        plain["itos"] = itos
+    return plain
+
+
+def _tokenizer_name(meta):
+    return {"gpt2": "GPT-2 BPE tokens", "char": "characters"}.get(meta["tokenizer"], f"{meta['tokenizer']} tokens")
+
+
+def largest_id(path, dtype):
+    """The largest token id in a .bin file, from evenly spaced windows of at most SAMPLE_TOKENS tokens in all."""
+    data = np.memmap(path, dtype=dtype, mode="r")
+    if len(data) <= SAMPLE_TOKENS:
+        return int(data.max()) if len(data) else -1
+    window = SAMPLE_TOKENS // 100
+    starts = np.linspace(0, len(data) - window, 100).astype(np.int64)
+    return max(int(data[s:s + window].max()) for s in starts)
+
+
+def load_meta(data_dir):
+    """The dataset's metadata as plain_meta gives it. A folder without any is GPT-2 BPE in uint16 once its ids
+    are checked to fit (an error if they do not), or when it has no bins to check, as for an old checkpoint."""
+    meta, path = read_metadata(data_dir)
+    if meta is not None:
+        return plain_meta(meta, path)
+    bins = [os.path.join(data_dir, f"{split}.bin") for split in SPLITS]
+    bins = [p for p in bins if os.path.exists(p) and os.path.getsize(p) % 2 == 0]  # Batches reports the others
+    if not bins:
+        return dict(GPT2_META)  # nothing to read (e.g. an old checkpoint's data folder is gone): as before
+    largest = max(largest_id(p, np.uint16) for p in bins)
+    if largest >= GPT2_META["vocab_size"]:
+        raise UserError(f"{data_dir} has no meta.json, and its token ids (up to {largest}) are not GPT-2 BPE: re-run "
+                        f"its prepare.py, which writes meta.json")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun
+        print(f"note: {data_dir} has no meta.json, and its ids fit GPT-2's vocabulary (largest {largest}), so it is "
+              f"read as GPT-2 BPE in uint16; if it is character data, re-run its prepare.py", file=sys.stderr)
+    return dict(GPT2_META)
 
 
 class Batches:
     def __init__(self, data_dir, block_size, batch_size, device, seed=1337, rank=0):
-        self.meta = load_meta(data_dir)
-        self.dtype = np.dtype(self.meta.get("dtype", "uint16"))
-        self.block_size, self.batch_size, self.device, self.seed, self.rank = block_size, batch_size, device, seed, rank
-        self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
-        prepare = os.path.join(data_dir, "prepare.py")
         if not os.path.isdir(data_dir):
             raise UserError(f"no dataset at {data_dir}: --dataset is a folder under data/ ({available_datasets()}) "
                             f"or a path to a folder holding train.bin and val.bin")
+        self.meta = load_meta(data_dir)
+        stored, meta_path = read_metadata(data_dir)
+        counts = stored.get("tokens") if isinstance(stored, dict) else None  # meta.json's, for the bins it wrote
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
+        self.device, self.seed, self.rank = device, seed, rank
+        self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
+        self.prepare = prepare = os.path.join(data_dir, "prepare.py")
         for split, path in self.paths.items():
             if not os.path.exists(path):
                 how = f"run `python {prepare}` first" if os.path.exists(prepare) else "prepare it first"
@@ -78,19 +169,48 @@ class Batches:
             if size % self.dtype.itemsize:
                 raise UserError(f"{path} is truncated ({size} bytes is not a whole number of {self.dtype} tokens): "
                                 f"re-run `python {prepare}`")
-            if size // self.dtype.itemsize <= block_size:
-                raise UserError(f"{path} has {size // self.dtype.itemsize} tokens, too few for block_size={block_size}: "
+            tokens = size // self.dtype.itemsize
+            if counts and split in counts and tokens != counts[split]:
+                raise UserError(f"{path} has {tokens:,} tokens but {meta_path} says {counts[split]:,}: they come from "
+                                f"different prepares (one interrupted?); re-run `python {prepare}`")
+            if tokens <= block_size:
+                raise UserError(f"{path} has {tokens} tokens, too few for block_size={block_size}: "
                                 f"use a smaller --block_size")
-        self.vocab_size = self.meta.get("vocab_size")
+        # the vocabulary a new model needs; None for GPT-2 BPE, which train.py pads to 50304 (a multiple of 64: faster)
+        self.vocab_size = None if self.meta["tokenizer"] == "gpt2" else self.meta["vocab_size"]
 
     def check_vocab(self, model_vocab_size):
-        """The data's token ids must all be < the model's vocab_size (else an opaque index error on the GPU)."""
-        data_vocab = self.vocab_size
-        if data_vocab is None:  # no meta.pkl: look at the largest id in the first 10M tokens of each split
-            data_vocab = 1 + max(int(self._open(s)[:10_000_000].max()) for s in SPLITS)
+        """Every token id in the data must be < the metadata's vocab_size, which must be <= the model's (else an
+        opaque index error on the GPU). The ids are a bounded sample of both bins."""
+        largest = max(largest_id(path, self.dtype) for path in self.paths.values())
+        data_vocab = self.meta["vocab_size"]
+        if largest >= data_vocab:
+            raise UserError(f"{self.data_dir} holds token id {largest} but its metadata says vocab_size {data_vocab}: "
+                            f"the bins and the metadata come from different prepares; re-run `python {self.prepare}`")
         if data_vocab > model_vocab_size:
             raise UserError(f"the data has a vocabulary of {data_vocab} tokens but the model only {model_vocab_size}: "
                             f"use a checkpoint trained on this dataset, or init_from='scratch'")
+
+    def check_tokenizer(self, init_from, state=None):
+        """Resuming (state: the checkpoint) or finetuning GPT-2 needs data in the tokenizer the model learned, where
+        every id means the same text; else training goes on quietly with the ids' meanings swapped."""
+        if init_from == "scratch":
+            return
+        if init_from == "resume":
+            theirs, what = checkpoint_meta(state), "the checkpoint"
+        elif os.path.isfile(os.path.join(init_from, "char_vocab.json")):  # export.py's character-level model
+            with open(os.path.join(init_from, "char_vocab.json"), encoding="utf-8") as f:
+                theirs, what = {"tokenizer": "char", "stoi": json.load(f)}, init_from
+        else:
+            theirs, what = GPT2_META, init_from  # OpenAI's GPT-2, by name or from a folder
+        if self.meta["tokenizer"] != theirs["tokenizer"]:
+            raise UserError(f"{self.data_dir} is in {_tokenizer_name(self.meta)} but {what} was trained on "
+                            f"{_tokenizer_name(theirs)}: prepare the data with that tokenizer (e.g. "
+                            f"data/text/prepare.py --tokenizer={theirs['tokenizer']}), or train from scratch "
+                            f"(--init_from=scratch)")
+        if self.meta.get("stoi") != theirs.get("stoi"):
+            raise UserError(f"{self.data_dir} numbers its characters differently from the data {what} was trained on: "
+                            f"prepare it from the same text, or train from scratch (--init_from=scratch)")
 
     def _open(self, split):
         # re-opened for every batch: a long-lived np.memmap keeps growing the process's resident memory

@@ -45,7 +45,7 @@ data=data/shakespeare_char
 if [[ -n "$input" ]]; then
     echo "== preparing $data from $input"
     "$py" "$data/prepare.py" --input="$input"
-elif [[ -f "$data/train.bin" && -f "$data/val.bin" && -f "$data/meta.pkl" ]]; then
+elif [[ -f "$data/train.bin" && -f "$data/val.bin" && -f "$data/meta.json" ]]; then
     echo "== $data is already prepared (pass --input=path/to/input.txt to prepare it again)"
 else
     echo "== preparing $data"

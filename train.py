@@ -114,6 +114,7 @@ else:  # OpenAI GPT-2 weights, by name or from a local folder
         raise UserError(f"block_size={block_size} is longer than {init_from}'s {model.config.block_size} positions")
     model.crop_block_size(block_size)
 batches.check_vocab(model.config.vocab_size)
+batches.check_tokenizer(init_from, state)  # resuming or finetuning needs data in the model's tokenizer
 model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
 model.to(device)
 

@@ -1,22 +1,59 @@
 """
-What the data/<dataset>/prepare.py scripts share: their command line, where their text comes from (--input=PATH,
-else input.txt beside the script, else a download), and writing train.bin / val.bin / meta.pkl.
+What the data/<dataset>/prepare.py scripts share: the dataset format, writing it safely, and the tiny Shakespeare
+scripts' command line and text source (--input=PATH, else input.txt beside the script, else a download).
+
+A prepared dataset is a folder holding
+    train.bin, val.bin  each a flat stream of token ids, little-endian uint16 (vocab_size <= 65,536) or uint32
+    meta.json           {"format": 1, "tokenizer": "gpt2" or "char", "vocab_size", "dtype", "eot" (the id after
+                        every document, or null), "tokens": {split: count}, "documents": {split: count},
+                        "source": where the text came from, and for "char" "vocab": the characters in id order}
+which batches.load_meta reads for train.py, sample.py, bench.py and export.py.
 """
 
 import argparse
+import json
 import os
-import pickle
+import shutil
+import signal
 import sys
+import time
 import urllib.request
 
 import numpy as np
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+# the one table of token dtypes: the smallest that holds every id of the vocabulary
+TOKEN_DTYPES = ((1 << 16, "uint16"), (1 << 32, "uint32"))  # (largest vocab_size, dtype)
+TEMP_PREFIX = ".prepare-"  # out_dir/.prepare-<pid>.tmp/: the files being written
+
+
+class BadInput(Exception):
+    """Input found unusable part-way through writing (a document that is not text, an empty split, ...)."""
 
 
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE: it downloads its files once, then reads them from its cache."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        fail(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); without network, set TIKTOKEN_CACHE_DIR "
+             f"to a folder holding its cached files")
+
+
+def token_dtype(vocab_size):
+    for largest, dtype in TOKEN_DTYPES:
+        if vocab_size <= largest:
+            return dtype
+    fail(f"a vocabulary of {vocab_size:,} tokens does not fit in {TOKEN_DTYPES[-1][1]}")
 
 
 def read_text(input_path, dataset_dir, url=TINY_SHAKESPEARE_URL):
@@ -49,16 +86,111 @@ def read_text(input_path, dataset_dir, url=TINY_SHAKESPEARE_URL):
 def parse_args(description, dataset_dir):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
-    parser.add_argument("--out_dir", default=dataset_dir, help="where to write train.bin, val.bin and meta.pkl")
+    parser.add_argument("--out_dir", default=dataset_dir, help="where to write train.bin, val.bin and meta.json")
     return parser.parse_args()
 
 
-def write_dataset(out_dir, train_ids, val_ids, meta):
-    """The token streams as flat .bin files of meta['dtype'], and meta.pkl beside them."""
-    print(f"train has {len(train_ids):,} tokens")
-    print(f"val has {len(val_ids):,} tokens")
-    os.makedirs(out_dir, exist_ok=True)
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        np.asarray(ids, dtype=meta["dtype"]).tofile(os.path.join(out_dir, f"{split}.bin"))
-    with open(os.path.join(out_dir, "meta.pkl"), "wb") as f:
-        pickle.dump(meta, f)
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
+def _remove_stale_temps(out_dir):
+    """Temp folders of prepares that were killed (SIGKILL, power loss): their process no longer runs."""
+    for name in os.listdir(out_dir):
+        if name.startswith(TEMP_PREFIX) and name.endswith(".tmp"):
+            try:
+                os.kill(int(name[len(TEMP_PREFIX):-4]), 0)
+                continue  # still running: another prepare writing here
+            except (ValueError, ProcessLookupError):
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def _fsync_dir(path):
+    if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable (POSIX)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_split(path, chunks, dtype, vocab_size):
+    """Stream an iterable of token-id arrays into a flat file; returns the number of tokens."""
+    count = 0
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            chunk = np.asarray(chunk)
+            if chunk.size and int(chunk.max()) >= vocab_size:  # never write an id the vocabulary lacks
+                raise BadInput(f"token id {int(chunk.max())} is outside the vocabulary of {vocab_size:,}")
+            chunk.astype(dtype, copy=False).tofile(f)
+            count += chunk.size
+        if count == 0:
+            raise BadInput(f"the {os.path.basename(path)[:-4]} split has no tokens: give it more text")
+        f.flush()
+        os.fsync(f.fileno())
+    return count
+
+
+def write_dataset(out_dir, splits, meta):
+    """
+    Write train.bin, val.bin and meta.json into out_dir. splits maps "train" and "val" to iterables of token-id
+    arrays, streamed to disk in order; meta is meta.json's content without the token counts, which are added here.
+
+    Everything goes into a temporary folder inside out_dir first and is renamed into place only when all three
+    files are complete, so a failure or Ctrl-C (or a full disk) leaves the dataset that was there untouched and
+    no complete-looking train.bin. meta.json is renamed first: its token counts then disagree with any bin left
+    over from before, which batches.py reports, should the process die between the renames.
+    """
+    t0 = time.time()
+    tmp = os.path.join(out_dir, f"{TEMP_PREFIX}{os.getpid()}.tmp")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        _remove_stale_temps(out_dir)
+        os.makedirs(tmp)
+    except OSError as e:
+        fail(f"cannot write to {out_dir} ({e.strerror or e}): pass another --out_dir")
+    meta = {"format": FORMAT_VERSION, **meta, "dtype": token_dtype(meta["vocab_size"])}
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        meta["tokens"] = {}
+        for split in SPLITS:
+            meta["tokens"][split] = _write_split(os.path.join(tmp, f"{split}.bin"), splits[split], meta["dtype"],
+                                                 meta["vocab_size"])
+        order = ("format", "tokenizer", "vocab_size", "dtype", "eot", "tokens", "documents", "source")
+        meta = {**{k: meta[k] for k in order if k in meta}, **meta}  # the short fields first, "vocab" last
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for name in ("meta.json", "train.bin", "val.bin"):
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        if os.path.exists(os.path.join(out_dir, "meta.pkl")):  # an older prepare's metadata, now out of date
+            os.remove(os.path.join(out_dir, "meta.pkl"))
+        _fsync_dir(out_dir)
+    except (KeyboardInterrupt, OSError, BadInput) as e:
+        for chunks in splits.values():  # stop the tokenizing processes and close their progress bars, then say why
+            if hasattr(chunks, "close"):
+                chunks.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            fail(f"interrupted; {out_dir} is as it was before this prepare")
+        if isinstance(e, OSError):
+            fail(f"could not write to {out_dir} ({e.strerror or e}); the dataset there is as it was before: free "
+                 f"some disk space or pass another --out_dir")
+        fail(f"{e}; {out_dir} is as it was before this prepare")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(tmp, ignore_errors=True)
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        docs = meta.get("documents", {}).get(split)
+        in_docs = f" in {docs:,} documents" if docs is not None else ""
+        print(f"{split} has {meta['tokens'][split]:,} tokens{in_docs} ({meta['tokens'][split] * itemsize:,} bytes, "
+              f"{meta['dtype']})")
+    seconds = time.time() - t0
+    print(f"wrote {os.path.join(out_dir, 'train.bin')}, val.bin and meta.json in {seconds:.1f}s "
+          f"({sum(meta['tokens'].values()) / seconds:,.0f} tokens/s)")
+    return meta

@@ -6,7 +6,6 @@ every transformers model here is a small random one saved to a temp folder.
 
 import json
 import os
-import pickle
 import runpy
 import sys
 
@@ -16,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import checkpoint
+from batches import load_meta
 from conftest import REPO, TINY, run
 from model import GPT, GPTConfig
 from runtime import UserError
@@ -160,8 +160,7 @@ def test_bpe_prepare_counts_and_round_trip(bpe_data, shakespeare_input):
 
     out, stdout = bpe_data
     assert "train has 301,966 tokens" in stdout and "val has 36,059 tokens" in stdout
-    with open(os.path.join(out, "meta.pkl"), "rb") as f:
-        assert pickle.load(f) == GPT2_META
+    assert load_meta(out) == GPT2_META
     train = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
     val = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
     assert (len(train), len(val)) == (301_966, 36_059)

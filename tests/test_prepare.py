@@ -1,18 +1,17 @@
 """data/shakespeare_char/prepare.py: counts on the real corpus, exact round trip, clear input errors."""
 
 import os
-import pickle
 import sys
 
 import numpy as np
 import pytest
 
+from batches import load_meta
 from conftest import REPO, run
 
 
 def load(out_dir):
-    with open(os.path.join(out_dir, "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)
+    meta = load_meta(out_dir)
     train = np.fromfile(os.path.join(out_dir, "train.bin"), dtype=np.uint16)
     val = np.fromfile(os.path.join(out_dir, "val.bin"), dtype=np.uint16)
     return meta, train, val
