@@ -93,7 +93,7 @@ class Doctor:
     CLIP_WINDOW = 100  # ... of at least this many steps after warmup
     NOT_LEARNING = 0.97  # loss above this fraction of ln(vocab) ...
     GRACE = 20  # ... this many steps after warmup
-    RATE_WINDOW = 30.0  # seconds of recent log lines whose throughput is compared with the lines before
+    RATE_WINDOW = 60.0  # seconds of recent log lines whose throughput is compared with the lines before
 
     def __init__(self, vocab_size, warmup_iters=0, grad_clip=0.0, quiet_steps=1000):
         self.ln_vocab, self.warmup, self.grad_clip = math.log(vocab_size), warmup_iters, grad_clip
@@ -112,10 +112,15 @@ class Doctor:
 
     def _not_learning(self, out, step, loss, what):
         if step >= self.warmup + self.GRACE and math.isfinite(loss) and loss > self.NOT_LEARNING * self.ln_vocab:
-            self._say(out, "not_learning", step,
-                      f"{what} {loss:.3f} at step {step} is still about ln(vocab_size) = {self.ln_vocab:.3f} "
-                      f"(a uniform guess) after warmup: the model is not learning. Check --learning_rate (not ~0), "
-                      f"that the data is real text, and --weight_decay; try a short run at the preset's settings")
+            if loss > self.ln_vocab + 0.5:
+                what = f"{what} {loss:.3f} at step {step} is above ln(vocab_size) = {self.ln_vocab:.3f}, worse than " \
+                       f"a uniform guess, after warmup: training diverged. Lower --learning_rate, lengthen " \
+                       f"--warmup_iters, keep --grad_clip on"
+            else:
+                what = f"{what} {loss:.3f} at step {step} is still about ln(vocab_size) = {self.ln_vocab:.3f} (a " \
+                       f"uniform guess) after warmup: the model is not learning. Check that --learning_rate is not " \
+                       f"~0 and that the data is real text; compare with a short run at a preset's settings"
+            self._say(out, "not_learning", step, what)
 
     def step(self, step, loss, steps=1, clipped=0, tok_per_s=None, elapsed=None, skipped_total=0):
         """A step line: the loss of step `step`, and `clipped` of the `steps` steps since the last line clipped."""
@@ -127,7 +132,7 @@ class Doctor:
                       f"on (1.0), or use --dtype=bfloat16 instead of float16")
             self.skipped_seen = skipped_total
         if math.isfinite(loss):
-            if len(self.losses) >= 5:
+            if len(self.losses) >= 3:
                 recent = sum(self.losses) / len(self.losses)
                 if loss > self.SPIKE * recent:
                     self._say(out, "spike", step,
@@ -150,7 +155,7 @@ class Doctor:
             self.recent_rates.append((elapsed, tok_per_s))
             while len(self.recent_rates) > 3 and elapsed - self.recent_rates[0][0] > self.RATE_WINDOW:
                 self.old_rates.append(self.recent_rates.popleft()[1])
-            if len(self.old_rates) >= 5 and len(self.recent_rates) >= 3 \
+            if len(self.old_rates) >= 10 and len(self.recent_rates) >= 5 \
                     and elapsed - self.recent_rates[0][0] >= self.RATE_WINDOW / 2:
                 before = statistics.median(self.old_rates)
                 now = statistics.median(r for _, r in self.recent_rates)
@@ -283,7 +288,7 @@ class RunLog:
         self.t_start = self.t_line = time.time()
         self.last_line_step, self.dt_ema, self.dt_provisional, self.eval_seconds = start_iter, None, True, 0.0
         self.clipped = torch.zeros((), dtype=torch.long, device=rt.device)  # clipped steps since the last line
-        self.best_step, self.best_bpb, self.warnings = None, None, 0
+        self.best, self.warnings = None, 0  # (val loss, step, val bpb) of the best eval
         self.curve = ([], [], [])  # steps, losses, lrs of the step lines, for loss.png
         self.evals = []
         vocab_size = gpt.config.vocab_size
@@ -320,9 +325,9 @@ class RunLog:
             import wandb
 
             resume_id = wandb_run_id if config["init_from"] == "resume" and not self.eval_only else None
-            self.wandb_run_id = resume_id or wandb.util.generate_id()
-            wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], id=self.wandb_run_id,
-                       resume="allow", config=config, allow_val_change=True)
+            run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], id=resume_id,
+                             resume="allow" if resume_id else None, config=config, allow_val_change=True)
+            self.wandb_run_id = run.id  # saved in the checkpoints
             wandb.define_metric("step")
             wandb.define_metric("*", step_metric="step")  # our step is the x axis, across resumes too
             self.wandb = wandb
@@ -351,7 +356,7 @@ class RunLog:
               f"{horizon_tokens / total:.1f} tokens per parameter (compute-optimal: ~{CHINCHILLA}), "
               f"{flops_per_token * horizon_tokens:.2e} FLOPs in all")
         print(f"device: {rt.device} {rt.dtype}, compile {'on' if compiled else 'off'}, {rt.world_size} process(es), "
-              f"MFU against {human(peak)}FLOP/s ({peak_source})")
+              f"MFU against {human(peak)} FLOP/s ({peak_source})")
 
     # ------------------------------------------------------------------------- records
     def _remember(self, r):
@@ -361,8 +366,8 @@ class RunLog:
                 series.append(v if v is not None else float("nan"))
         elif r.get("kind") == "eval" and r.get("val_loss") is not None:
             self.evals.append(r)
-            if self.best_step is None or r["val_loss"] <= min(e["val_loss"] for e in self.evals):
-                self.best_step, self.best_bpb = r["step"], r.get("val_bpb")
+            if self.best is None or r["val_loss"] < self.best[0]:
+                self.best = (r["val_loss"], r["step"], r.get("val_bpb"))
 
     def _record(self, kind, step, **fields):
         record = {"kind": kind, "step": step, **{k: finite_or_none(v) if isinstance(v, float) else v
@@ -421,19 +426,22 @@ class RunLog:
         if not self.master:
             return
         val, bpb = losses["val"], losses.get("val_bpb")
-        if val <= best_val_loss:
-            self.best_step, self.best_bpb = step, bpb
-        best = "this eval" if self.best_step == step else f"step {self.best_step}" if self.best_step is not None else ""
-        print(f"step {step}: train loss {losses['train']:.4f}, val loss {val:.4f}"
-              f"{f', val bpb {bpb:.4f}' if bpb is not None else ''}, best val loss {best_val_loss:.4f}"
-              f"{f' ({best})' if best else ''}"
-              f"{'' if self.eval_only else ', checkpoint saved' if saved else ', no checkpoint'}")
+        line = f"step {step}: train loss {losses['train']:.4f}, val loss {val:.4f}" \
+               f"{f', val bpb {bpb:.4f}' if bpb is not None else ''}"
         if self.eval_only:
+            print(line)
             if self.wandb is not None:
                 self._record("eval", step, train_loss=losses["train"], val_loss=val, val_bpb=bpb)
             return
+        if val <= best_val_loss:
+            self.best = (val, step, bpb)
+        best_step = self.best[1] if self.best and self.best[0] <= best_val_loss else None  # unknown: no records
+        print(f"{line}, best val loss {best_val_loss:.4f}"
+              f"{' (this eval)' if best_step == step else f' (step {best_step})' if best_step is not None else ''}"
+              f"{', checkpoint saved' if saved else ', no checkpoint'}")
+        best_bpb = self.best[2] if best_step is not None else None
         r = self._record("eval", step, tokens=step * self.tokens_per_iter, train_loss=losses["train"], val_loss=val,
-                         val_bpb=bpb, best_val_loss=best_val_loss, best_val_bpb=self.best_bpb, saved=saved,
+                         val_bpb=bpb, best_val_loss=best_val_loss, best_val_bpb=best_bpb, saved=saved,
                          elapsed_s=round(self.elapsed_before + time.time() - self.t_start, 3), time=time.time())
         self._remember(r)
         self._warn(step, self.doctor.eval(step, losses["train"], val))
@@ -479,25 +487,22 @@ class RunLog:
             memory, source = peak_memory(self.rt.device)
             wall = time.time() - self.t_start
             total_wall = self.elapsed_before + wall
-            best = min((e["val_loss"] for e in self.evals), default=None)
-            best_eval = next((e for e in self.evals if e["val_loss"] == best), None)
             files = [f for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(self.out_dir, f))]
             snapshots = sorted(f for f in os.listdir(self.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
             print(f"summary: {step:,} steps ({step - self.start_iter:,} in this run), "
                   f"{human(step * self.tokens_per_iter)} tokens seen, {duration(wall)} wall time"
                   f"{f' ({duration(total_wall)} with earlier runs)' if self.elapsed_before else ''}, "
                   f"peak memory {memory / 2**20:,.1f} MiB ({source})")
-            if best_eval is not None:
-                bpb = best_eval.get("val_bpb")
+            best, best_step, bpb = self.best or (None, None, None)
+            if best is not None:
                 print(f"summary: best val loss {best:.4f}{f' ({bpb:.4f} bits per byte)' if bpb is not None else ''} "
-                      f"at step {best_eval['step']:,}; {self.warnings} doctor warning(s) in this run")
+                      f"at step {best_step:,}; {self.warnings} doctor warning(s) in this run")
             print(f"summary: in {self.out_dir}: {', '.join(files + snapshots) or 'no checkpoints'}, {METRICS}, {PLOT}")
             if files:
                 print(f"summary: sample with: python sample.py --out_dir={self.out_dir}")
             self._record("summary", step, steps_this_run=step - self.start_iter, tokens=step * self.tokens_per_iter,
                          wall_s=round(wall, 3), elapsed_s=round(total_wall, 3), peak_memory_bytes=memory,
-                         best_val_loss=best, best_val_bpb=best_eval.get("val_bpb") if best_eval else None,
-                         best_step=best_eval["step"] if best_eval else None, warnings=self.warnings)
+                         best_val_loss=best, best_val_bpb=bpb, best_step=best_step, warnings=self.warnings)
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
