@@ -427,7 +427,7 @@ class RunLog:
             return
         val, bpb = losses["val"], losses.get("val_bpb")
         line = f"step {step}: train loss {losses['train']:.4f}, val loss {val:.4f}" \
-               f"{f', val bpb {bpb:.4f}' if bpb is not None else ''}"
+               f"{f' | val bpb {bpb:.4f}' if bpb is not None else ''}"
         if self.eval_only:
             print(line)
             if self.wandb is not None:
@@ -436,9 +436,9 @@ class RunLog:
         if val <= best_val_loss:
             self.best = (val, step, bpb)
         best_step = self.best[1] if self.best and self.best[0] <= best_val_loss else None  # unknown: no records
-        print(f"{line}, best val loss {best_val_loss:.4f}"
+        print(f"{line} | best val loss {best_val_loss:.4f}"
               f"{' (this eval)' if best_step == step else f' (step {best_step})' if best_step is not None else ''}"
-              f"{', checkpoint saved' if saved else ', no checkpoint'}")
+              f" | {'checkpoint saved' if saved else 'no checkpoint'}")
         best_bpb = self.best[2] if best_step is not None else None
         r = self._record("eval", step, tokens=step * self.tokens_per_iter, train_loss=losses["train"], val_loss=val,
                          val_bpb=bpb, best_val_loss=best_val_loss, best_val_bpb=best_bpb, saved=saved,

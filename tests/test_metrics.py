@@ -62,7 +62,7 @@ def test_metrics_jsonl_one_record_per_line_no_duplicates_across_resume(runs):
         assert len(keys) == len(set(keys)), name
         # the file says what the lines said
         assert [(str(r["step"]), f"{r['loss']:.4f}") for r in steps] == step_losses(stdout)[-12:]
-        printed = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+), val bpb ([\d.]+)", stdout, re.M)
+        printed = re.findall(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+) \| val bpb ([\d.]+)", stdout, re.M)
         logged = printed if name == "whole" else printed[:2] + printed[3:]  # the resumed run's eval at 8 replaced
         assert [(str(r["step"]), f"{r['train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}")
                 for r in evals] == logged
@@ -85,10 +85,10 @@ def test_step_eval_and_summary_lines(runs):
     assert re.search(r"^horizon: 12 steps = 1.54K tokens, [\d.]+ tokens per parameter \(compute-optimal: ~20\), "
                      r"[\d.e+]+ FLOPs in all$", stdout, re.M)
     assert re.search(r"^device: cpu float32, compile off, 1 process\(es\), MFU against", stdout, re.M)
-    assert re.search(r"^iter 12: loss [\d.]+, lr [\d.e+-]+, grad norm [\d.]+ \(clipped [01]/1\), [\d.]+ms, [\d,]+ tok/s, "
-                     r"mfu [\d.]+% \| 12/12 \(100.0%\), [\dhms.]+ elapsed, eta [\dhms.]+$", stdout, re.M)
-    assert re.search(r"^step 12: train loss [\d.]+, val loss [\d.]+, val bpb [\d.]+, best val loss [\d.]+ "
-                     r"\((this eval|step \d+)\), (checkpoint saved|no checkpoint)$", stdout, re.M)
+    assert re.search(r"^iter 12: loss [\d.]+, lr [\d.e+-]+, grad norm [\d.]+ \(clipped [01]/1\), [\d.]+ms, "
+                     r"[\d,]+ tok/s, mfu [\d.]+% \| 12/12 \(100.0%\), [\dhms.]+ elapsed, eta [\dhms.]+$", stdout, re.M)
+    assert re.search(r"^step 12: train loss [\d.]+, val loss [\d.]+ \| val bpb [\d.]+ \| best val loss [\d.]+ "
+                     r"\((this eval|step \d+)\) \| (checkpoint saved|no checkpoint)$", stdout, re.M)
     assert re.search(r"^sample at step 12 \(20 tokens after '\\n', [\d.]+s\):\n(  > .*\n)+summary", stdout, re.M)
     assert re.search(r"^summary: 12 steps \(12 in this run\), 1.54K tokens seen, [\d.]+s wall time, "
                      r"peak memory [\d,.]+ MiB", stdout, re.M)
