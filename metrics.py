@@ -285,7 +285,7 @@ class RunLog:
         self.start_iter, self.tokens_per_iter, self.out_dir = start_iter, tokens_per_iter, config["out_dir"]
         self.max_iters, self.eval_only = config["max_iters"], config["eval_only"]
         self.writes = self.master and not self.eval_only  # an evaluation leaves the run's records alone
-        self.t_start = self.t_line = time.time()
+        self.t_start = self.t_last_step = time.time()
         self.last_line_step, self.dt_ema, self.dt_provisional, self.eval_seconds = start_iter, None, True, 0.0
         self.clipped = torch.zeros((), dtype=torch.long, device=rt.device)  # clipped steps since the last line
         self.best, self.warnings = None, 0  # (val loss, step, val bpb) of the best eval
@@ -305,8 +305,7 @@ class RunLog:
             try:
                 self.prompt_ids = self.tok.encode(config["sample_prompt"]) or None
             except UserError as e:
-                raise UserError(f"--sample_prompt={config['sample_prompt']!r}: {e}; pick another prompt, or "
-                                f"--sample_interval=0") from None
+                note = f"no samples during training: --sample_prompt={config['sample_prompt']!r}: {e}"
         self.doctor = Doctor(self.tok.valid_vocab if self.tok else vocab_size, config["warmup_iters"],
                              config["grad_clip"], quiet_steps=max(config["eval_interval"], 10 * config["log_interval"]))
 
@@ -356,7 +355,7 @@ class RunLog:
               f"{horizon_tokens / total:.1f} tokens per parameter (compute-optimal: ~{CHINCHILLA}), "
               f"{flops_per_token * horizon_tokens:.2e} FLOPs in all")
         print(f"device: {rt.device} {rt.dtype}, compile {'on' if compiled else 'off'}, {rt.world_size} process(es), "
-              f"MFU against {human(peak)} FLOP/s ({peak_source})")
+              f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ------------------------------------------------------------------------- records
     def _remember(self, r):
@@ -389,6 +388,7 @@ class RunLog:
         """After every optimizer step: one more clipped step if the norm (before clipping) was over grad_clip."""
         if self.c["grad_clip"] > 0:
             self.clipped += grad_norm > self.c["grad_clip"]
+        self.t_last_step = time.time()
 
     def step(self, step, loss, lr, grad_norm, dt, mfu, skipped_total=0, skipped_streak=0):
         """A log line after step `step`; loss is already averaged over micro-steps and ranks (mean_over_ranks)."""
@@ -399,7 +399,7 @@ class RunLog:
             self.dt_ema, self.dt_provisional = dt, self.dt_ema is None
         else:
             self.dt_ema = 0.9 * self.dt_ema + 0.1 * dt
-        self.last_line_step, self.t_line = step, now
+        self.last_line_step = step
         if not self.master:
             return
         elapsed = self.elapsed_before + now - self.t_start
@@ -421,8 +421,7 @@ class RunLog:
 
     def eval(self, step, losses, best_val_loss, saved=False):
         """The eval line at step `step` (after any checkpoint was written); refreshes loss.png."""
-        if step == self.last_line_step:
-            self.eval_seconds = time.time() - self.t_line  # evaluation and saving, for the ETA
+        self.eval_seconds = time.time() - self.t_last_step  # evaluation and saving, for the ETA
         if not self.master:
             return
         val, bpb = losses["val"], losses.get("val_bpb")
