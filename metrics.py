@@ -34,11 +34,11 @@ CHINCHILLA = 20  # tokens per parameter of a compute-optimal run (Hoffmann et al
 # ----------------------------------------------------------------------------- small helpers
 
 def human(n):
-    """1234567 -> '1.23M'."""
+    """1234567 -> '1.23M', 50000 -> '50K' (three significant digits)."""
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.2f}"
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
 
 
 def duration(seconds):
