@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from array import array
 from collections import deque
 
 import torch
@@ -289,7 +290,7 @@ class RunLog:
         self.last_line_step, self.dt_ema, self.dt_provisional, self.eval_seconds = start_iter, None, True, 0.0
         self.clipped = torch.zeros((), dtype=torch.long, device=rt.device)  # clipped steps since the last line
         self.best, self.warnings = None, 0  # (val loss, step, val bpb) of the best eval
-        self.curve = ([], [], [])  # steps, losses, lrs of the step lines, for loss.png
+        self.curve = (array("d"), array("d"), array("d"))  # steps, losses, lrs of the step lines, for loss.png
         self.evals = []
         vocab_size = gpt.config.vocab_size
 
@@ -319,7 +320,7 @@ class RunLog:
                 self.elapsed_before = max(self.elapsed_before, r.get("elapsed_s") or 0.0)
 
         # wandb: a resumed run continues the checkpoint's wandb run
-        self.wandb, self.wandb_run_id = None, None
+        self.wandb, self.wandb_run_id = None, wandb_run_id  # kept through runs without wandb too
         if config["wandb_log"] and self.master:
             import wandb
 
