@@ -91,7 +91,8 @@ class Doctor:
     SPIKE = 2.0  # a loss this many times its recent mean
     SLOW = 0.5  # throughput below this fraction of its earlier level
     CLIPPED = 0.9  # clipping on this fraction of the steps ...
-    CLIP_WINDOW = 100  # ... of at least this many steps after warmup
+    CLIP_WINDOW = 100  # ... of at least this many steps after warmup ...
+    CLIP_NORM = 4.0  # ... with gradient norms this many times grad_clip (a healthy small-batch run can sit at 2x)
     NOT_LEARNING = 0.97  # loss above this fraction of ln(vocab) ...
     GRACE = 20  # ... this many steps after warmup
     RATE_WINDOW = 60.0  # seconds of recent log lines whose throughput is compared with the lines before
@@ -123,8 +124,9 @@ class Doctor:
                        f"~0 and that the data is real text; compare with a short run at a preset's settings"
             self._say(out, "not_learning", step, what)
 
-    def step(self, step, loss, steps=1, clipped=0, tok_per_s=None, elapsed=None, skipped_total=0):
-        """A step line: the loss of step `step`, and `clipped` of the `steps` steps since the last line clipped."""
+    def step(self, step, loss, steps=1, clipped=0, grad_norm=None, tok_per_s=None, elapsed=None, skipped_total=0):
+        """A step line: the loss and gradient norm of step `step`, and `clipped` of the `steps` steps since the last
+        line clipped; tokens/s and elapsed seconds."""
         out = []
         if skipped_total > self.skipped_seen:
             self._say(out, "non_finite", step,
@@ -142,16 +144,17 @@ class Doctor:
                               f"a checkpoint from before the spike can be resumed")
             self.losses.append(loss)
             self._not_learning(out, step, loss, "loss")
-        if self.grad_clip > 0 and step > self.warmup:
-            self.clips.append((steps, clipped))
-            while len(self.clips) > 1 and sum(s for s, _ in self.clips) - self.clips[0][0] >= self.CLIP_WINDOW:
+        if self.grad_clip > 0 and step > self.warmup and grad_norm is not None and math.isfinite(grad_norm):
+            self.clips.append((steps, clipped, grad_norm))
+            while len(self.clips) > 1 and sum(s for s, _, _ in self.clips) - self.clips[0][0] >= self.CLIP_WINDOW:
                 self.clips.popleft()
-            n, c = sum(s for s, _ in self.clips), sum(c for _, c in self.clips)
-            if n >= self.CLIP_WINDOW and c >= self.CLIPPED * n:
+            n, c = sum(s for s, _, _ in self.clips), sum(c for _, c, _ in self.clips)
+            norm = statistics.median(g for _, _, g in self.clips)
+            if n >= self.CLIP_WINDOW and c >= self.CLIPPED * n and norm >= self.CLIP_NORM * self.grad_clip:
                 self._say(out, "clipping", step,
-                          f"gradient clipping fired on {c} of the last {n} steps (grad_clip={self.grad_clip:g}): "
-                          f"every update is scaled down, so --learning_rate is not what it says; lower "
-                          f"--learning_rate, or raise --grad_clip if the gradient norms are steady")
+                          f"gradient clipping fired on {c} of the last {n} steps, at norms around {norm:.3g} "
+                          f"(grad_clip={self.grad_clip:g}): every step has the same size whatever --learning_rate "
+                          f"says; lower --learning_rate, or raise --grad_clip if the norms are steady")
         if tok_per_s is not None and elapsed is not None and tok_per_s > 0:
             self.recent_rates.append((elapsed, tok_per_s))
             while len(self.recent_rates) > 3 and elapsed - self.recent_rates[0][0] > self.RATE_WINDOW:
@@ -246,11 +249,15 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
         e_steps, e_train, e_val = zip(*[(e["step"], e["train_loss"], e["val_loss"]) for e in evals])
         ax.plot(e_steps, e_train, "o-", color="tab:blue", ms=3, label="train loss (eval)")
         ax.plot(e_steps, e_val, "o-", color="tab:orange", ms=3, label="val loss (eval)")
-    values = np.array([v for v in list(losses) + [e["val_loss"] for e in evals] if v is not None], dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values):  # leave spikes off the scale rather than squash the curve
-        top = min(values.max(), 1.5 * np.percentile(values, 95))
-        ax.set_ylim(max(0.0, values.min() - 0.05 * (top - values.min())), top * 1.02 + 1e-6)
+    steps_losses = np.array(losses, dtype=float)
+    steps_losses = steps_losses[np.isfinite(steps_losses)]
+    evals_losses = np.array([v for e in evals for v in (e["train_loss"], e["val_loss"]) if v is not None], dtype=float)
+    evals_losses = evals_losses[np.isfinite(evals_losses)]
+    values = np.concatenate([steps_losses, evals_losses])
+    if len(values):  # the evals in full, but a spike of a single step off the scale rather than squash the curve
+        top = max(evals_losses.max(initial=0.0), 1.2 * np.percentile(steps_losses, 98) if len(steps_losses) else 0.0)
+        top = min(top, values.max())
+        ax.set_ylim(max(0.0, values.min() - 0.05 * (top - values.min())), top + 0.02 * (top - values.min()) + 1e-6)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
@@ -418,7 +425,7 @@ class RunLog:
                          mfu=mfu if mfu >= 0 else None, elapsed_s=round(elapsed, 3), eta_s=round(eta, 3),
                          skipped=skipped_total, time=now)
         self._remember(r)
-        self._warn(step, self.doctor.step(step, loss, steps, clipped, tok_s, elapsed, skipped_total))
+        self._warn(step, self.doctor.step(step, loss, steps, clipped, grad_norm, tok_s, elapsed, skipped_total))
 
     def eval(self, step, losses, best_val_loss, saved=False):
         """The eval line at step `step` (after any checkpoint was written); refreshes loss.png."""
