@@ -275,7 +275,7 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
         ax2.set_ylim(bottom=0)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     tmp = f"{path}.{os.getpid()}.tmp"
