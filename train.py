@@ -19,6 +19,7 @@ import torch
 import checkpoint
 from batches import Batches, dataset_dir
 from configurator import configure
+from metrics import RunLog, mean_over_ranks
 from model import GPT, GPTConfig
 from runtime import UserError, can_compile, install_error_hook, peak_flops, setup
 from training import StopSignal, estimate_loss, seed_iteration, train_step
@@ -68,6 +69,10 @@ device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 > float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model (skipped where it does not work)
 seed = 1337
+# what the run shows and keeps (metrics.py): out_dir/metrics.jsonl and loss.png, samples, the training doctor
+sample_interval = 2000  # print a short sample every this many steps, and at the end (0: never)
+sample_prompt = "\n"  # the prompt of those samples
+sample_tokens = 100  # the length of those samples, in tokens
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
@@ -124,6 +129,7 @@ if state is not None:
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
+wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
 state = None  # free the checkpoint's memory
 
 gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
@@ -136,9 +142,8 @@ if world_size > 1:
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
 peak, peak_source = peak_flops(device, dtype)
-if master:
-    print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | {world_size} process(es) | "
-          f"{tokens_per_iter:,} tokens per iteration | MFU against {peak / 1e12:.1f} TFLOP/s ({peak_source})")
+run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak, peak_source),
+                 compile and can_compile(device_type), wandb_run_id)  # prints the run's header
 
 
 def get_lr(it):
@@ -159,7 +164,8 @@ def save_checkpoint(is_best, val_loss=None):
         try:
             checkpoint.save(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                                  model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                                 val_loss=val_loss, config=config, meta=batches.meta), out_dir, is_best, keep_last_n,
+                                 val_loss=val_loss, config=config, meta=batches.meta, wandb_run_id=run_log.wandb_run_id),
+                            out_dir, is_best, keep_last_n,
                             replace=init_from != "resume" and saved_iter is None)
         except checkpoint.DiskFull as e:  # say how to go on from the checkpoint that is still there
             raise UserError(f"{e}; then {resume_hint()}") from None
@@ -177,11 +183,6 @@ def resume_hint():
     return f"resume with: {launcher} train.py {' '.join(args)} ({resume_path} holds iter {saved_iter})"
 
 
-if wandb_log and master:
-    import wandb
-
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-
 # ----------------------------------------------------------------------------- training loop
 # Evaluation, checkpoints and stopping all happen at the top of an iteration, so a checkpoint holds
 # the state just before step iter_num, which is where a resumed run starts.
@@ -191,20 +192,19 @@ bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # ski
 running_mfu, t0 = -1.0, time.time()
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
-        losses = estimate_loss(model, batches, eval_iters, ctx, world_size)
-        if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if wandb_log:
-                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                           "lr": get_lr(iter_num), "mfu": max(running_mfu, 0.0) * 100})
+        losses = estimate_loss(model, batches, eval_iters, ctx, world_size, run_log.token_bytes)
         if eval_only:
+            run_log.eval(iter_num, losses, min(best_val_loss, losses["val"]))
             break
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         healthy = math.isfinite(losses["val"])  # never overwrite a good checkpoint with a broken model
         if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
             save_checkpoint(is_best=improved, val_loss=losses["val"])
+        run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num)  # + metrics, loss.png, doctor
         t0 = time.time()  # leave evaluation and saving out of the step timing
+    if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
+        t0 = time.time()
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
     if iter_num >= max_iters or stopping:
         if healthy and saved_iter != iter_num and iter_num > start_iter:
@@ -218,32 +218,30 @@ while True:
         param_group["lr"] = lr
     seed_iteration(seed, rank, iter_num)
     loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip)
+    run_log.count_step(grad_norm)  # clipping, counted on the device
     bad_total = bad_total + skipped
     bad_streak = (bad_streak + 1) * skipped  # back to 0 on a good step
     iter_num += 1
 
     if iter_num % log_interval == 0:  # the one place the loop waits for the device (.item())
-        lossf, normf, streak, total = loss.item(), grad_norm.item(), int(bad_streak), int(bad_total)
+        lossf = mean_over_ranks(loss, world_size)  # the step's loss, over its micro-steps and all ranks
+        normf, streak, total = grad_norm.item(), int(bad_streak), int(bad_total)
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
         if iter_num - start_iter >= 5 * log_interval:  # let the first steps (compilation, warmup) pass
             mfu = gpt.estimate_mfu(tokens_per_iter // world_size, dt, peak)
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-        if master:
-            bad = f", {total} skipped non-finite steps ({streak} in a row)" if total else ""
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, grad norm {normf:.2f}, {dt * 1000:.2f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s, mfu {f'{running_mfu:.2%}' if running_mfu >= 0 else '--'}{bad}")
+        run_log.step(iter_num, lossf, lr, normf, dt, running_mfu, total, streak)  # + metrics.jsonl, doctor
         if streak >= max_bad_steps:
             raise UserError(f"{streak} steps in a row had a non-finite loss or gradient (iter {iter_num}); "
                             f"{resume_path} still holds the last good state. Lower --learning_rate, check the "
                             f"data, or use --dtype=bfloat16 instead of float16.")
+run_log.finish(iter_num)  # the summary, and wandb.finish()
 
 if world_size > 1:
     import torch.distributed as dist
 
     dist.destroy_process_group()
-    if wandb_log and master:
-        wandb.finish()
     # skip interpreter teardown, where gloo's threads can still abort a finished process (SIGABRT, torch 2.13)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -3,10 +3,12 @@ The optimizer step and the evaluation, shared by train.py and bench.py so that t
 exactly the code that trains; and the handler that turns SIGTERM / Ctrl-C into a clean stop.
 """
 
+import math
 import signal
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from batches import EVAL
 from runtime import UserError
@@ -23,7 +25,7 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
     so nothing here waits for the GPU. A step whose gradients are not finite is skipped: no update at all.
     """
     X, Y = batches.get("train", iter_num, 0)
-    loss_sum = 0.0
+    mean_loss = 0.0  # over the micro-batches
     for micro_step in range(accum_steps):
         # under DDP, all-reduce the gradients only after the last micro-step (a no-op attribute otherwise)
         model.require_backward_grad_sync = micro_step == accum_steps - 1
@@ -33,7 +35,7 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
         if micro_step + 1 < accum_steps:
             X, Y = batches.get("train", iter_num, micro_step + 1)  # prepared while the device computes
         scaler.scale(loss).backward()
-        loss_sum = loss_sum + loss.detach()
+        mean_loss = mean_loss + loss.detach()
     scaler.unscale_(optimizer)  # clip the true gradients (no-op unless float16)
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -49,26 +51,43 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
     elif not skipped.item():  # other optimizers need the host to decide
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, skipped
+    return mean_loss, grad_norm, skipped
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, autocast, world_size=1):
-    """Mean loss over the same eval_iters batches of each split every time (averaged over ranks)."""
+def estimate_loss(model, batches, eval_iters, autocast, world_size=1, token_bytes=None):
+    """
+    Mean loss over the same eval_iters batches of each split every time (averaged over ranks). With token_bytes
+    (the UTF-8 bytes each token id stands for: tokenizer.token_bytes) also out['val_bpb'], val bits per byte:
+    the nats summed over the val targets / (ln 2 * the bytes they stand for), which compares across tokenizers.
+    Targets that stand for no bytes (special tokens) are left out of both sums.
+    """
     model.eval()
     out = {}
+    nats_bytes = torch.zeros(2, device=batches.device)  # val: the sum of nats, the sum of bytes
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters, device=batches.device)
         for k in range(eval_iters):
             X, Y = batches.get(split, k, stream=EVAL)
             with autocast:
-                _, losses[k] = model(X, Y)
+                logits, losses[k] = model(X, Y)
+                if split == "val" and token_bytes is not None:
+                    y = Y.view(-1)
+                    nats = F.cross_entropy(logits.view(-1, logits.size(-1)), y, ignore_index=-1, reduction="none")
+                    nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
+                    nats_bytes += torch.stack([(nats.float() * (nbytes > 0)).sum(), nbytes.sum().float()])
+                del logits  # not held through the next forward pass
         mean = losses.mean()
         if world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+            if split == "val" and token_bytes is not None:
+                dist.all_reduce(nats_bytes, op=dist.ReduceOp.SUM)
         out[split] = mean.item()
+    if token_bytes is not None:
+        nats, nbytes = nats_bytes.tolist()
+        out["val_bpb"] = nats / (math.log(2) * nbytes) if nbytes else float("nan")
     model.train()
     return out
 

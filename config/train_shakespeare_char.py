@@ -6,6 +6,7 @@ eval_interval = 250  # it overfits, so evaluate often
 eval_iters = 200
 log_interval = 10
 always_save_checkpoint = False  # only save when val improves
+sample_interval = 250  # a short sample at every eval
 
 wandb_log = False
 wandb_project = "shakespeare-char"

@@ -6,6 +6,7 @@ eval_interval = 250
 eval_iters = 20
 log_interval = 50
 always_save_checkpoint = False
+sample_interval = 250  # a short sample at every eval
 
 dataset = "shakespeare_char"
 gradient_accumulation_steps = 1

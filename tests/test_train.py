@@ -63,7 +63,7 @@ def test_eval_only_and_snapshots(char_data, tmp_path):
     assert checkpoint.load(str(tmp_path / "ckpt_0000006.pt"))["iter_num"] == 6
     before = os.stat(tmp_path / "ckpt.pt").st_mtime_ns
     proc = train(char_data, tmp_path, "--init_from=resume", "--eval_only=True")
-    assert re.search(r"^step 8: train loss \S+, val loss \S+$", proc.stdout, re.M)
+    assert re.search(r"^step 8: train loss \S+, val loss \S+ \| val bpb \S+$", proc.stdout, re.M)
     assert "iter " not in proc.stdout and os.stat(tmp_path / "ckpt.pt").st_mtime_ns == before
 
 

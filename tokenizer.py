@@ -1,0 +1,88 @@
+"""
+Text <-> token ids for a dataset's metadata (batches.load_meta / checkpoint_meta): its characters (stoi, itos),
+or GPT-2's BPE via tiktoken (the tokenizer 'gpt2', and any metadata without a character vocabulary).
+
+    tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)
+    ids = tok.encode("ROMEO:"); text = tok.decode(ids)
+    tok.eot           # <|endoftext|>'s id, or None (characters)
+    tok.valid_vocab   # ids >= this are padding of the model's vocabulary: never sampled
+    tok.token_bytes(vocab_size)  # UTF-8 bytes each id stands for (0: padding, special tokens), for bits per byte
+"""
+
+import torch
+
+from runtime import UserError
+
+
+class CharTokenizer:
+    name = "char"
+    eot = None
+
+    def __init__(self, stoi, itos):
+        # itos has int keys in meta.pkl, str keys once it went through JSON; a list works too
+        items = itos.items() if isinstance(itos, dict) else enumerate(itos)
+        self.itos = {int(i): ch for i, ch in items}
+        self.stoi = {ch: int(i) for ch, i in stoi.items()}
+        self.valid_vocab = len(self.itos)
+
+    def encode(self, text):
+        unknown = sorted(set(text) - set(self.stoi))
+        if unknown:
+            raise UserError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.itos.get(int(i), "") for i in ids)
+
+    def token_bytes(self, vocab_size):
+        out = torch.zeros(vocab_size, dtype=torch.long)
+        for i, ch in self.itos.items():
+            if i < vocab_size:
+                out[i] = len(ch.encode("utf-8"))
+        return out
+
+
+class BPETokenizer:
+    def __init__(self, name, vocab_size=None):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(name)
+        except Exception as e:  # tiktoken downloads its files once, then reads them from its cache
+            raise UserError(f"could not load tiktoken's {name} encoding ({type(e).__name__}); without network, set "
+                            f"TIKTOKEN_CACHE_DIR to a folder holding its cached files") from None
+        self.name, self.eot = name, self.enc.eot_token
+        self.valid_vocab = min(self.enc.n_vocab, vocab_size or self.enc.n_vocab)  # past n_vocab: padding
+        self._bytes = None
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+    def token_bytes(self, vocab_size):
+        if self._bytes is None:
+            special = {self.enc.encode_single_token(s) for s in self.enc.special_tokens_set}
+            self._bytes = torch.tensor([0 if i in special else len(self.enc.decode_single_token_bytes(i))
+                                        for i in range(self.enc.n_vocab)], dtype=torch.long)
+        out = torch.zeros(vocab_size, dtype=torch.long)
+        n = min(vocab_size, len(self._bytes))
+        out[:n] = self._bytes[:n]
+        return out
+
+
+def load_tokenizer(meta, vocab_size=None):
+    """The tokenizer of a dataset's metadata; vocab_size (the model's) checks that its vocabulary fits."""
+    meta = meta or {}
+    if "stoi" in meta:  # a character-level dataset
+        tok = CharTokenizer(meta["stoi"], meta["itos"])
+        if vocab_size is not None and tok.valid_vocab > vocab_size:
+            raise UserError(f"the dataset's vocabulary has {tok.valid_vocab} characters but the model only "
+                            f"{vocab_size} tokens")
+        return tok
+    name = meta.get("tokenizer") or "gpt2"
+    if name == "char":
+        raise UserError("the dataset's metadata says tokenizer 'char' but holds no character vocabulary (stoi): "
+                        "re-run its prepare.py")
+    return BPETokenizer(name, vocab_size)
