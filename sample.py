@@ -21,6 +21,7 @@ from tqdm import tqdm
 import checkpoint
 from configurator import configure
 from runtime import UserError, install_error_hook, setup
+from tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
@@ -75,33 +76,8 @@ def main():
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
     model.to(rt.device)
 
-    vocab_size = model.config.vocab_size
-    if "stoi" in meta:  # a character-level dataset
-        stoi, itos = meta["stoi"], meta["itos"]
-        if len(itos) > vocab_size:
-            raise UserError(f"the dataset's vocabulary has {len(itos)} characters but the model only {vocab_size} tokens")
-
-        def encode(s):
-            unknown = sorted(set(s) - set(stoi))
-            if unknown:
-                raise UserError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
-            return [stoi[c] for c in s]
-
-        def decode(ids):
-            return "".join(itos[i] for i in ids)
-
-        def token_bytes(i):
-            return itos[i].encode("utf-8")
-
-        eot, valid_vocab = None, len(itos)
-    else:  # GPT-2 BPE
-        import tiktoken
-
-        enc = tiktoken.get_encoding(meta.get("tokenizer", "gpt2"))
-        encode = lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})  # noqa: E731
-        decode = enc.decode
-        token_bytes = enc.decode_single_token_bytes
-        eot, valid_vocab = enc.eot_token, min(enc.n_vocab, vocab_size)  # ids past n_vocab are padding, never sampled
+    tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)  # the dataset's characters, or GPT-2 BPE
+    encode, decode, token_bytes, eot, valid_vocab = tok.encode, tok.decode, tok.bytes_of, tok.eot, tok.valid_vocab
 
     if interactive:  # one completion per prompt, as it is written, unless asked otherwise
         num_samples = num_samples if "num_samples" in explicit else 1

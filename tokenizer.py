@@ -7,6 +7,7 @@ or GPT-2's BPE via tiktoken (the tokenizer 'gpt2', and any metadata without a ch
     tok.eot           # <|endoftext|>'s id, or None (characters)
     tok.valid_vocab   # ids >= this are padding of the model's vocabulary: never sampled
     tok.token_bytes(vocab_size)  # UTF-8 bytes each id stands for (0: padding, special tokens), for bits per byte
+    tok.bytes_of(id)  # the bytes one token stands for (a BPE token may hold part of a character): for streaming
 """
 
 import torch
@@ -34,6 +35,9 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.itos.get(int(i), "") for i in ids)
 
+    def bytes_of(self, i):
+        return self.itos.get(int(i), "").encode("utf-8")
+
     def token_bytes(self, vocab_size):
         out = torch.zeros(vocab_size, dtype=torch.long)
         for i, ch in self.itos.items():
@@ -60,6 +64,9 @@ class BPETokenizer:
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
+
+    def bytes_of(self, i):
+        return self.enc.decode_single_token_bytes(int(i))
 
     def token_bytes(self, vocab_size):
         if self._bytes is None:
