@@ -238,8 +238,12 @@ class GPT(nn.Module):
         return idx
 
     @torch.no_grad()
-    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, stop_token=None):
-        """generate() one step at a time: yields each new (B, 1) token as soon as it is sampled (for streaming)."""
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, stop_token=None,
+                        generators=None):
+        """
+        generate() one step at a time: yields each new (B, 1) token as soon as it is sampled (for streaming).
+        generators: one torch.Generator per row, so that a row's text does not depend on what else is in the batch.
+        """
         kv_cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.size(1) <= self.config.block_size:
@@ -260,7 +264,12 @@ class GPT(nn.Module):
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+                probs = F.softmax(logits, dim=-1)
+                if generators is None:
+                    idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+                else:
+                    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
+                    idx_next = torch.stack(rows)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             yield idx_next
             if stop_token is not None:

@@ -14,6 +14,7 @@ same seed. Importable: TextStream (incremental decoding) is used by the tests.
 
 import codecs
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -36,6 +37,7 @@ stop_at_eot = False  # end a sample at <|endoftext|> (GPT-2 BPE)
 stream = False  # print each sample as it is generated, token by token
 interactive = False  # prompts from stdin, one per line, instead of start; an empty line or Ctrl-D quits.
 #                      Unless given, num_samples is then 1 and stream True
+batch_size = 16  # samples generated together when not streaming (each is the same text as when made alone)
 progress = True  # a progress bar on stderr (when it is a terminal) while a sample is generated, not streamed
 progress_delay = 1.0  # seconds before the bar appears, so short samples print without one
 seed = 1337
@@ -83,12 +85,19 @@ def main():
         num_samples = num_samples if "num_samples" in explicit else 1
         stream = stream if "stream" in explicit else True
 
+    def generators(first, n):
+        """Sample i draws from its own generator, seeded by (seed, i): the same text, batched or streamed."""
+        return [torch.Generator(rt.device).manual_seed(seed * 1000003 + i) for i in range(first, first + n)]
+
     def write_samples(start_ids):
         """num_samples continuations of the prompt, each printed with the prompt and followed by SEPARATOR."""
         x = torch.tensor(start_ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
-        for i in range(num_samples):
-            tokens = model.generate_tokens(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                           vocab_limit=valid_vocab, stop_token=eot if stop_at_eot else None)
+        options = dict(temperature=temperature, top_k=top_k or None, vocab_limit=valid_vocab,
+                       stop_token=eot if stop_at_eot else None)
+        t0, generated = time.time(), 0
+        for first in range(0, num_samples, 1 if stream else batch_size):
+            n = 1 if stream else min(batch_size, num_samples - first)
+            tokens = model.generate_tokens(x.expand(n, -1), max_new_tokens, generators=generators(first, n), **options)
             if stream:
                 text = TextStream(token_bytes)
                 sys.stdout.write(text.push(start_ids))
@@ -96,21 +105,31 @@ def main():
                 try:
                     for t in tokens:
                         t = t.item()
+                        generated += 1
                         if stop_at_eot and t == eot:
                             break
                         sys.stdout.write(text.push([t]))
                         sys.stdout.flush()
                 finally:  # also when Ctrl-C stops an interactive sample: end its line
                     print(text.finish())
-            else:
-                bar = tqdm(tokens, total=max_new_tokens, desc=f"sample {i + 1}/{num_samples}", unit="tok",
-                           leave=False, file=sys.stderr, delay=progress_delay, disable=None if progress else True)
-                new = [t for t in bar]  # (1, 1) tensors, kept on the device: no sync per token
-                new = torch.cat(new, dim=1)[0].tolist() if new else []
+                print(SEPARATOR, flush=True)
+                continue
+            desc = f"sample {first + 1}/{num_samples}" if n == 1 else f"samples {first + 1}-{first + n}/{num_samples}"
+            bar = tqdm(tokens, total=max_new_tokens, desc=desc, unit="tok", leave=False, file=sys.stderr,
+                       delay=progress_delay, disable=None if progress else True)
+            steps = [t for t in bar]  # (n, 1) tensors, kept on the device: no sync per token
+            rows = torch.cat(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
+            for new in rows:
+                generated += len(new)
                 if stop_at_eot and eot in new:
                     new = new[:new.index(eot)]
                 print(decode(start_ids + new))
-            print(SEPARATOR, flush=True)
+                print(SEPARATOR, flush=True)
+        if not interactive:
+            seconds = time.time() - t0
+            print(f"generated {generated:,} tokens in {seconds:.2f}s: {generated / seconds:,.0f} tokens/s "
+                  f"({'streamed, one sample at a time' if stream else f'batches of up to {batch_size}'})",
+                  file=sys.stderr)
 
     with torch.no_grad(), rt.autocast:
         if interactive:

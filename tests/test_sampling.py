@@ -5,6 +5,7 @@ the interactive prompt loop driven through stdin, the progress bar, and model.ge
 
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -233,13 +234,29 @@ def on_a_terminal(*args):
 
 
 def test_progress_bar_on_a_terminal_only(char_ckpt):
-    args = [f"--out_dir={char_ckpt}", "--num_samples=2", "--max_new_tokens=30", "--progress_delay=0"]
+    args = [f"--out_dir={char_ckpt}", "--num_samples=2", "--max_new_tokens=30", "--progress_delay=0", "--batch_size=1"]
     out, shown = on_a_terminal(*args)
     assert "sample 1/2" in shown and "sample 2/2" in shown and "/30 [" in shown and "tok/s" in shown
     assert len(samples(out)) == 2  # stdout holds only the samples
-    piped = sample(*args)  # stderr is a pipe: no bar
-    assert piped.stderr == "" and piped.stdout == out
+    piped = sample(*args)  # stderr is a pipe: no bar, only the speed
+    assert re.fullmatch(r"generated 60 tokens in [\d.]+s: [\d,]+ tokens/s \(batches of up to 1\)\n", piped.stderr)
+    assert piped.stdout == out
+    _, shown = on_a_terminal(*args[:-1])  # both samples in one batch: one bar
+    assert "samples 1-2/2" in shown and "sample 1/2" not in shown
     out, shown = on_a_terminal(*args, "--progress=False")
     assert "sample 1/2" not in shown and out == piped.stdout
     out, shown = on_a_terminal(*args, "--stream=True")  # streamed text is its own progress
     assert "sample 1/2" not in shown and out == piped.stdout
+
+
+def test_batched_sampling_gives_the_same_text_as_one_at_a_time(char_ckpt):
+    """Each sample draws from its own generator, so batching (or streaming) changes the speed, not the text."""
+    args = ["--device=cpu", f"--out_dir={char_ckpt}", "--num_samples=3", "--max_new_tokens=30", "--start=ROMEO:"]
+    for temperature in ("0", "0.8"):
+        alone = run("sample.py", *args, f"--temperature={temperature}", "--batch_size=1")
+        together = run("sample.py", *args, f"--temperature={temperature}", "--batch_size=3")
+        streamed = run("sample.py", *args, f"--temperature={temperature}", "--stream=True")
+        assert together.stdout == alone.stdout == streamed.stdout and together.stdout.count("---------------") == 3
+        assert "tokens/s (batches of up to 3)" in together.stderr and "tokens/s" in alone.stderr
+    texts = together.stdout.split("---------------\n")
+    assert len(set(texts[:3])) == 3  # sampled, not greedy: the three differ
