@@ -131,6 +131,16 @@ def score_example(model, example, encode, device="cpu", autocast=None):
     return summed.cpu(), mean.cpu()
 
 
+def for_training(meta, path="", limit=0):
+    """(examples, encode) for train.py's hellaswag_interval: only a GPT-2 BPE run can score HellaSwag's text."""
+    if meta.get("tokenizer", "gpt2") != "gpt2":
+        raise UserError(f"hellaswag_interval needs a GPT-2 BPE dataset, and this one is in {meta['tokenizer']} "
+                        f"tokens: set --hellaswag_interval=0")
+    import tiktoken
+
+    return load_examples(path or download(), limit), tiktoken.get_encoding("gpt2").encode_ordinary
+
+
 def evaluate(model, examples, encode, device="cpu", autocast=None, rank=0, world_size=1, progress=False):
     """
     HellaSwag accuracy of `model` (this repo's GPT; pass the raw model, not a DDP or torch.compile wrapper) on

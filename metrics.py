@@ -454,6 +454,13 @@ class RunLog:
         self._warn(step, self.doctor.eval(step, losses["train"], val))
         self.plot()
 
+    def hellaswag(self, step, result):
+        """The HellaSwag line (train.py's hellaswag_interval), into metrics.jsonl and wandb too."""
+        if self.writes:
+            print(f"hellaswag at step {step}: acc_norm {result.acc_norm:.2%}, acc {result.acc:.2%} on {result.n:,} "
+                  f"examples (GPT-2 124M: about 29-30% acc_norm)")
+            self._record("hellaswag", step, acc=result.acc, acc_norm=result.acc_norm, examples=result.n)
+
     def plot(self):
         if self.writes and (self.curve[0] or self.evals):
             name = os.path.basename(os.path.abspath(self.out_dir))

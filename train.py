@@ -17,6 +17,7 @@ import time
 import torch
 
 import checkpoint
+import hellaswag
 from batches import Batches, dataset_dir
 from configurator import configure
 from metrics import RunLog, mean_over_ranks
@@ -73,6 +74,9 @@ seed = 1337
 sample_interval = 2000  # print a short sample every this many steps, and at the end (0: never)
 sample_prompt = "\n"  # the prompt of those samples
 sample_tokens = 100  # the length of those samples, in tokens
+hellaswag_interval = 0  # HellaSwag accuracy every this many steps, on GPT-2 BPE runs (0: never)
+hellaswag_file = ""  # hellaswag_val.jsonl ('': downloaded once into data/hellaswag/)
+hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
@@ -120,6 +124,7 @@ else:  # OpenAI GPT-2 weights, by name or from a local folder
     model.crop_block_size(block_size)
 batches.check_vocab(model.config.vocab_size)
 batches.check_tokenizer(init_from, state)  # resuming or finetuning needs data in the model's tokenizer
+hellaswag_set = hellaswag.for_training(batches.meta, hellaswag_file, hellaswag_limit) if hellaswag_interval else None
 model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
 model.to(device)
 
@@ -204,6 +209,9 @@ while True:
         run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num)  # + metrics, loss.png, doctor
         t0 = time.time()  # leave evaluation and saving out of the step timing
     if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
+        t0 = time.time()
+    if hellaswag_interval and iter_num % hellaswag_interval == 0 and iter_num > start_iter:
+        run_log.hellaswag(iter_num, hellaswag.evaluate(gpt, *hellaswag_set, device, ctx, rank, world_size))
         t0 = time.time()
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
     if iter_num >= max_iters or stopping:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -16,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import checkpoint
 import hellaswag
-from conftest import REPO, run
+from conftest import REPO, TINY, run
 from model import GPT, GPTConfig
 from runtime import UserError
 
@@ -283,3 +284,23 @@ def test_eval_hellaswag_errors_are_one_line(tmp_path, val_file):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         last = proc.stderr.strip().splitlines()
         assert len(last) == 1 and last[0].startswith("error: ") and message in last[0], proc.stderr
+
+
+def test_train_scores_hellaswag_every_interval_on_bpe_runs(tmp_path, val_file, char_data):
+    """hellaswag_interval in train.py: a line and a metrics.jsonl record on a GPT-2 BPE run; refused on char data."""
+    data = tmp_path / "bpe"
+    data.mkdir()
+    ids = np.random.default_rng(0).integers(0, 50257, size=4000).astype(np.uint16)  # random GPT-2 ids
+    for split in ("train", "val"):
+        ids.tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "dtype": "uint16", "tokenizer": "gpt2"}))
+    args = [*TINY, "--max_iters=2", "--eval_interval=2", f"--hellaswag_file={val_file}", "--hellaswag_interval=2"]
+    proc = run("train.py", *args, f"--dataset={data}", f"--out_dir={tmp_path / 'out'}")
+    line = re.search(r"^hellaswag at step 2: acc_norm ([\d.]+)%, acc ([\d.]+)% on (\d+) examples", proc.stdout, re.M)
+    assert line and int(line[3]) == len(EXAMPLES), proc.stdout
+    with open(tmp_path / "out" / "metrics.jsonl") as f:
+        records = [json.loads(r) for r in f if '"hellaswag"' in r]
+    assert len(records) == 1 and records[0]["examples"] == len(EXAMPLES)
+    assert abs(records[0]["acc_norm"] * 100 - float(line[1])) < 0.01
+    proc = run("train.py", *args, f"--dataset={char_data}", f"--out_dir={tmp_path / 'char'}", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: hellaswag_interval needs a GPT-2 BPE dataset")
