@@ -206,7 +206,7 @@ while True:
         healthy = math.isfinite(losses["val"])  # never overwrite a good checkpoint with a broken model
         if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
             save_checkpoint(is_best=improved, val_loss=losses["val"])
-        run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num)  # + metrics, loss.png, doctor
+        run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num > start_iter)  # + metrics, loss.png, doctor
         t0 = time.time()  # leave evaluation and saving out of the step timing
     if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
         t0 = time.time()
