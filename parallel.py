@@ -167,3 +167,35 @@ def accumulation(total_batch_size, gradient_accumulation_steps, batch_size, bloc
         raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
                         f"{world_size} processes")
     return gradient_accumulation_steps // world_size
+
+
+# ----------------------------------------------------------------------------- memory per GPU (README's table)
+GPT2_SIZES = {"GPT-2 124M": (12, 12, 768), "GPT-2 350M": (24, 16, 1024), "GPT-2 774M": (36, 20, 1280),
+              "GPT-2 1.5B": (48, 25, 1600)}
+
+
+def memory_table(world_size=8):
+    """
+    A Markdown table of the bytes per GPU that the weights (float32), gradients (float32) and AdamW moments
+    (2 x float32) take under DDP (a full copy on each GPU) and under FSDP on world_size GPUs (1/world_size each),
+    from the parameter counts of this repo's GPT (vocab 50304, block 1024). Activations, the bfloat16 copies of
+    the Blocks FSDP gathers at a time, and DDP's gradient buckets come on top.
+    """
+    from model import GPT, GPTConfig
+
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    rows = [f"| model | parameters | DDP: weights / grads / AdamW / total per GPU | FSDP on {world_size}: weights / "
+            f"grads / AdamW / total per GPU |", "|---|---|---|---|"]
+    for name, (n_layer, n_head, n_embd) in GPT2_SIZES.items():
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            gpt = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, vocab_size=50304,
+                                bias=False))
+        n = sum(p.numel() for p in gpt.parameters())
+        parts = [4 * n, 4 * n, 8 * n]
+        cells = [" / ".join(gib(b / shards) for b in parts + [sum(parts)]) for shards in (1, world_size)]
+        rows.append(f"| {name} | {n / 1e6:,.0f}M | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python parallel.py: the README's memory table
+    print(memory_table())

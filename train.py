@@ -217,7 +217,7 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    seed_iteration(seed, rank, iter_num)
+    seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index
     loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank)
     run_log.count_step(grad_norm)  # clipping, counted on the device
     bad_total = bad_total + skipped

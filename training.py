@@ -16,7 +16,9 @@ from runtime import UserError
 
 
 def seed_iteration(seed, rank, iter_num):
-    """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore."""
+    """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore. train.py
+    passes rank 0 on every rank, and train_step reseeds each micro-step by its index in the whole step, so the
+    dropout masks too are the same for 1, 2 or 8 ranks."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
 
 
@@ -28,11 +30,13 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
     batches of a step are the same for 1, 2 or 8 ranks with the same total accumulation.
     """
     first = rank * accum_steps  # this rank's first micro-batch, by its index in the whole step
+    base_seed = torch.initial_seed()  # seed_iteration's; micro-step k of the step draws dropout from base_seed + k
     X, Y = batches.get("train", iter_num, first)
     mean_loss = 0.0  # over the micro-batches
     for micro_step in range(accum_steps):
         # under DDP or FSDP, reduce the gradients over ranks only after the last micro-step
         parallel.set_gradient_sync(model, micro_step == accum_steps - 1)
+        torch.manual_seed(base_seed + first + micro_step)
         with autocast:
             _, loss = model(X, Y)
             loss = loss / accum_steps  # the gradient of the mean over all micro-batches

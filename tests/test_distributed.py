@@ -80,7 +80,7 @@ import socket  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_last_n=2"]
+STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_last_n=2", "--dropout=0.1"]
 
 
 def single(*args):
