@@ -1,5 +1,5 @@
 """
-Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP).
+Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP, or FSDP2 with --parallelism=fsdp: parallel.py).
 
     python train.py config/train_shakespeare_char.py              # one device
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
