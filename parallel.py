@@ -115,27 +115,32 @@ def full_state(gpt, optimizer, fsdp):
     model_sd, optim_sd = get_state_dict(gpt, optimizer, options=_options(cpu_offload=True))
     if not model_sd:  # ranks other than 0
         return {}, {}
-    return model_sd, numbered(optim_sd)
+    return model_sd, numbered(gpt, optimizer, optim_sd)
 
 
-def numbered(optim_sd):
-    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) as torch.optim's (keyed 0, 1, ...)."""
-    index, groups, state = 0, [], {}
-    for group in optim_sd["param_groups"]:
-        ids = []
-        for name in group["params"]:
-            if name in optim_sd["state"]:
-                state[index] = optim_sd["state"][name]
-            ids.append(index)
-            index += 1
-        groups.append({**group, "params": ids})
+def _param_names(gpt, optimizer):
+    """The names of the optimizer's parameters in its order, which is torch.optim's numbering 0, 1, ..."""
+    names = {p: clean_name(n) for n, p in gpt.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def numbered(gpt, optimizer, optim_sd):
+    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) as torch.optim's (keyed 0, 1, ...
+    in the order of the optimizer's parameters, whatever order the gathered dict lists them in)."""
+    order, start, groups = _param_names(gpt, optimizer), 0, []
+    for group, ours in zip(optim_sd["param_groups"], optimizer.param_groups):
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + len(ours["params"])))})
+        start += len(ours["params"])
+    state = {i: optim_sd["state"][name] for i, name in enumerate(order) if name in optim_sd["state"]}
+    if len(state) != len(optim_sd["state"]):
+        raise RuntimeError(f"optimizer state for {sorted(set(optim_sd['state']) - set(order))} has no parameter")
     return {"state": state, "param_groups": groups}
 
 
 def named(gpt, optimizer, optim_sd):
     """The inverse of numbered(), for this optimizer's parameters."""
-    names = {p: clean_name(n) for n, p in gpt.named_parameters()}
-    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    order = _param_names(gpt, optimizer)
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in optim_sd["param_groups"]]
     return {"state": {order[i]: v for i, v in optim_sd["state"].items()}, "param_groups": groups}
 
