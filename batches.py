@@ -6,7 +6,9 @@ format). nanoGPT-style folders with a meta.pkl instead still work: it is read by
 plain dicts, lists, strings and numbers, so a pickle in a downloaded data folder cannot run code. A folder with
 no metadata at all is read as GPT-2 BPE in uint16, after a check that its ids fit, said in one line.
 
-Each batch is a pure function of (seed, rank, split, iteration, micro-step): resuming at iteration k draws
+Each batch is a pure function of (seed, split, iteration, micro-step), where the micro-step counts over the
+whole step (rank r of N draws micro-steps r * k ... r * k + k - 1 of a step of N * k), so 1, 2 or 8 ranks with
+the same total gradient accumulation train on the same batches: resuming at iteration k draws
 exactly the batches an uninterrupted run would, with no sampler state to save, and every evaluation scores
 the same eval_iters batches, so changes in val loss are the model's, not sampling noise.
 """
@@ -147,7 +149,7 @@ def load_meta(data_dir):
 
 
 class Batches:
-    def __init__(self, data_dir, block_size, batch_size, device, seed=1337, rank=0):
+    def __init__(self, data_dir, block_size, batch_size, device, seed=1337):
         if not os.path.isdir(data_dir):
             raise UserError(f"no dataset at {data_dir}: --dataset is a folder under data/ ({available_datasets()}) "
                             f"or a path to a folder holding train.bin and val.bin")
@@ -156,7 +158,7 @@ class Batches:
         counts = stored.get("tokens") if isinstance(stored, dict) else None  # meta.json's, for the bins it wrote
         self.dtype = np.dtype(self.meta["dtype"])
         self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
-        self.device, self.seed, self.rank = device, seed, rank
+        self.device, self.seed = device, seed
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
         self.prepare = prepare = os.path.join(data_dir, "prepare.py")
         for split, path in self.paths.items():
@@ -217,9 +219,11 @@ class Batches:
         return np.memmap(self.paths[split], dtype=self.dtype, mode="r")
 
     def get(self, split, step, micro_step=0, stream=TRAIN_STEP):
-        """Batch `micro_step` of training iteration `step` (or batch `step` of an evaluation, stream=EVAL)."""
+        """Batch `micro_step` (counted over all ranks) of training iteration `step` (or batch `step` of an
+        evaluation, stream=EVAL: the same on every rank)."""
         data = self._open(split)
-        rng = np.random.default_rng([self.seed, self.rank, SPLITS.index(split), stream, step, micro_step])
+        # 0: the rank's slot in older versions, kept so that one process draws the batches it always drew
+        rng = np.random.default_rng([self.seed, 0, SPLITS.index(split), stream, step, micro_step])
         ix = rng.integers(len(data) - self.block_size, size=self.batch_size)
         x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix]).astype(np.int64))  # (B, T)
         y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))  # (B, T)

@@ -356,13 +356,16 @@ class RunLog:
         print(f"model: {human(total)} parameters ({human(total - embedding)} non-embedding), {gpt.config.n_layer} "
               f"layers, {gpt.config.n_embd} wide, vocab {gpt.config.vocab_size:,}; "
               f"{human(flops_per_token)} FLOPs per token")
-        print(f"batch: {self.tokens_per_iter:,} tokens per step = {c['batch_size']} sequences x "
+        given = " (total_batch_size)" if c.get("total_batch_size") else ""
+        print(f"batch: {self.tokens_per_iter:,} tokens per step{given} = {c['batch_size']} sequences x "
               f"{gpt.config.block_size} tokens x {accum} micro-steps x {rt.world_size} process(es)")
         print(f"horizon: {self.max_iters:,} steps = {human(horizon_tokens)} tokens"
               f"{f' (from step {self.start_iter:,})' if self.start_iter else ''}, "
               f"{horizon_tokens / total:.1f} tokens per parameter (compute-optimal: ~{CHINCHILLA}), "
               f"{flops_per_token * horizon_tokens:.2e} FLOPs in all")
-        print(f"device: {rt.device} {rt.dtype}, compile {'on' if compiled else 'off'}, {rt.world_size} process(es), "
+        how = f" ({c.get('parallelism', 'ddp')})" if rt.world_size > 1 else ""
+        how += ", activation checkpointing" if c.get("activation_checkpointing") else ""
+        print(f"device: {rt.device} {rt.dtype}, compile {'on' if compiled else 'off'}, {rt.world_size} process(es){how}, "
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 
     # ------------------------------------------------------------------------- records

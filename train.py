@@ -1,5 +1,5 @@
 """
-Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP).
+Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP, or FSDP2 with --parallelism=fsdp: parallel.py).
 
     python train.py config/train_shakespeare_char.py              # one device
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import hellaswag
+import parallel
 from batches import Batches, dataset_dir
 from configurator import configure
 from metrics import RunLog, mean_over_ranks
@@ -77,6 +78,10 @@ sample_tokens = 100  # the length of those samples, in tokens
 hellaswag_interval = 0  # HellaSwag accuracy every this many steps, on GPT-2 BPE runs (0: never)
 hellaswag_file = ""  # hellaswag_val.jsonl ('': downloaded once into data/hellaswag/)
 hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
+# many processes and big models (parallel.py)
+parallelism = "ddp"  # under torchrun: 'ddp' (a full copy per GPU) or 'fsdp' (FSDP2: weights, grads, AdamW sharded)
+activation_checkpointing = False  # recompute each Block in backward: less activation memory, ~1/3 more compute
+total_batch_size = 0  # tokens per optimizer step over all ranks; sets gradient_accumulation_steps (0: off)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
@@ -86,10 +91,6 @@ rt = setup(device, dtype, distributed=True)
 rank, local_rank, world_size, device, device_type, dtype, ctx = (rt.rank, rt.local_rank, rt.world_size, rt.device,
                                                                  rt.device_type, rt.dtype, rt.autocast)
 master = rank == 0  # the process that logs and writes checkpoints
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
-                    f"{world_size} processes")
-accum_steps = gradient_accumulation_steps // world_size
 if decay_lr and not warmup_iters < lr_decay_iters:
     raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
 if master and not eval_only:
@@ -104,7 +105,9 @@ if init_from == "resume":
     state = checkpoint.load(resume_path)
     checkpoint.check_model_args(state, resume_path, config, explicit)
     block_size = state["model_args"]["block_size"]
-batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed, rank)
+accum_steps = parallel.accumulation(total_batch_size, gradient_accumulation_steps, batch_size, block_size, world_size)
+gradient_accumulation_steps = config["gradient_accumulation_steps"] = accum_steps * world_size
+batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed)
 
 iter_num, best_val_loss = 0, float("inf")
 saved_iter = state["iter_num"] if init_from == "resume" else None  # the iteration ckpt.pt holds, once there is one
@@ -128,22 +131,19 @@ hellaswag_set = hellaswag.for_training(batches.meta, hellaswag_file, hellaswag_l
 model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
 model.to(device)
 
+gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
+fsdp = parallelism == "fsdp" and world_size > 1  # FSDP2 shards gpt's weights in place
+model = parallel.wrap(gpt, rt, parallelism, compile and can_compile(device_type), activation_checkpointing)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if state is not None:
-    optimizer.load_state_dict(state["optimizer"])
+    parallel.load_optimizer(gpt, optimizer, state["optimizer"], fsdp)
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
 wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
 state = None  # free the checkpoint's memory
-
-gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
-if compile and can_compile(device_type):
-    model = torch.compile(model)  # compiles on the first step: takes a minute
-if world_size > 1:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if fsdp and (sample_interval or hellaswag_interval):  # rank 0 alone, or ranks unevenly: not with sharded weights
+    sample_interval = hellaswag_interval = config["sample_interval"] = config["hellaswag_interval"] = 0
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
 peak, peak_source = peak_flops(device, dtype)
@@ -164,10 +164,11 @@ def get_lr(it):
 
 def save_checkpoint(is_best, val_loss=None):
     global saved_iter
+    model_sd, optim_sd = parallel.full_state(gpt, optimizer, fsdp)  # under FSDP every rank gathers
     if master:
         t0 = time.time()
         try:
-            checkpoint.save(dict(model=gpt.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+            checkpoint.save(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(),
                                  model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
                                  val_loss=val_loss, config=config, meta=batches.meta, wandb_run_id=run_log.wandb_run_id),
                             out_dir, is_best, keep_last_n,
@@ -224,8 +225,8 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
-    seed_iteration(seed, rank, iter_num)
-    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip)
+    seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index
+    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank)
     run_log.count_step(grad_norm)  # clipping, counted on the device
     bad_total = bad_total + skipped
     bad_streak = (bad_streak + 1) * skipped  # back to 0 on a good step

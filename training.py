@@ -10,30 +10,38 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import parallel
 from batches import EVAL
 from runtime import UserError
 
 
 def seed_iteration(seed, rank, iter_num):
-    """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore."""
+    """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore. train.py
+    passes rank 0 on every rank, and train_step reseeds each micro-step by its index in the whole step, so the
+    dropout masks too are the same for 1, 2 or 8 ranks."""
     torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
 
 
-def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip):
+def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip, rank=0):
     """
     One optimizer step over accum_steps micro-batches. Returns (loss, grad_norm, skipped) as device tensors,
     so nothing here waits for the GPU. A step whose gradients are not finite is skipped: no update at all.
+    Under torchrun, rank r draws the step's micro-batches r * accum_steps ... (r + 1) * accum_steps - 1: the
+    batches of a step are the same for 1, 2 or 8 ranks with the same total accumulation.
     """
-    X, Y = batches.get("train", iter_num, 0)
+    first = rank * accum_steps  # this rank's first micro-batch, by its index in the whole step
+    base_seed = torch.initial_seed()  # seed_iteration's; micro-step k of the step draws dropout from base_seed + k
+    X, Y = batches.get("train", iter_num, first)
     mean_loss = 0.0  # over the micro-batches
     for micro_step in range(accum_steps):
-        # under DDP, all-reduce the gradients only after the last micro-step (a no-op attribute otherwise)
-        model.require_backward_grad_sync = micro_step == accum_steps - 1
+        # under DDP or FSDP, reduce the gradients over ranks only after the last micro-step
+        parallel.set_gradient_sync(model, micro_step == accum_steps - 1)
+        torch.manual_seed(base_seed + first + micro_step)
         with autocast:
             _, loss = model(X, Y)
             loss = loss / accum_steps  # the gradient of the mean over all micro-batches
         if micro_step + 1 < accum_steps:
-            X, Y = batches.get("train", iter_num, micro_step + 1)  # prepared while the device computes
+            X, Y = batches.get("train", iter_num, first + micro_step + 1)  # prepared while the device computes
         scaler.scale(loss).backward()
         mean_loss = mean_loss + loss.detach()
     scaler.unscale_(optimizer)  # clip the true gradients (no-op unless float16)
@@ -41,6 +49,7 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = parallel.full_tensor(grad_norm)  # under FSDP a (replicated) DTensor: as a plain tensor
     skipped = ~torch.isfinite(grad_norm)  # a NaN or inf loss makes the gradients non-finite too
     if scaler.is_enabled():
         scaler.step(optimizer)  # the float16 grad scaler skips non-finite steps itself
@@ -57,7 +66,8 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, autocast, world_size=1, token_bytes=None):
     """
-    Mean loss over the same eval_iters batches of each split every time (averaged over ranks). With token_bytes
+    Mean loss over the same eval_iters batches of each split every time. Every rank scores the same batches (FSDP
+    needs every rank in every forward pass), so the mean does not depend on the number of ranks. With token_bytes
     (the UTF-8 bytes each token id stands for: tokenizer.token_bytes) also out['val_bpb'], val bits per byte:
     the nats summed over the val targets / (ln 2 * the bytes they stand for), which compares across tokenizers.
     Targets that stand for no bytes (special tokens) are left out of both sums.

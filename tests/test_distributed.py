@@ -68,3 +68,184 @@ def test_resume_under_torchrun_is_exact(char_data, tmp_path):
     a = checkpoint.load(str(tmp_path / "whole" / "ckpt.pt"))["model"]
     b = checkpoint.load(str(tmp_path / "pieces" / "ckpt.pt"))["model"]
     assert all(bool((a[k] == b[k]).all()) for k in a)
+
+
+# ----------------------------------------------------------------------------- issue 10: FSDP2, activation
+# checkpointing, multi-node, total_batch_size. Every run below trains the same 8 steps of 256 tokens (4 sequences x
+# 32 tokens x 2 micro-steps in all), so all of them must reach the reference's losses and weights.
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_last_n=2", "--dropout=0.1"]
+
+
+def single(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+
+
+def finished(proc):
+    out = proc.communicate(timeout=300)[0] if isinstance(proc, subprocess.Popen) else proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+def losses(out):
+    return {int(i): float(v) for i, v in re.findall(r"^iter (\d+): loss (\S+),", out, re.M)}
+
+
+def max_weight_error(dir_a, dir_b, name="ckpt.pt"):
+    a, b = (checkpoint.load(os.path.join(d, name))["model"] for d in (dir_a, dir_b))
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_run(out, ref_out, first=1):
+    got, want = losses(out), {i: v for i, v in losses(ref_out).items() if i >= first}
+    assert got.keys() == want.keys(), out
+    assert all(abs(got[i] - want[i]) <= 2e-4 for i in got), (got, want)  # printed to 4 decimals
+
+
+@pytest.fixture(scope="module")
+def reference(char_data, tmp_path_factory):
+    """One process, 2 micro-steps per step: (out_dir, output)."""
+    out_dir = str(tmp_path_factory.mktemp("reference"))
+    out = finished(single(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                          "--gradient_accumulation_steps=2"))
+    return out_dir, out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(char_data, tmp_path_factory):
+    """FSDP2 on 2 ranks, 1 micro-step each: (out_dir, output)."""
+    out_dir = str(tmp_path_factory.mktemp("fsdp"))
+    out = finished(torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                            "--gradient_accumulation_steps=2", "--parallelism=fsdp"))
+    return out_dir, out
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_fsdp_on_2_ranks_matches_one_process(reference, fsdp_run, char_data, tmp_path, activation_checkpointing):
+    if activation_checkpointing:
+        out_dir = str(tmp_path)
+        out = finished(torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                                "--gradient_accumulation_steps=2", "--parallelism=fsdp",
+                                "--activation_checkpointing=True"))
+        assert "2 process(es) (fsdp), activation checkpointing" in out
+    else:
+        out_dir, out = fsdp_run
+        assert "2 process(es) (fsdp)" in out
+    assert_same_run(out, reference[1])
+    error = max_weight_error(out_dir, reference[0])
+    print(f"FSDP (activation_checkpointing={activation_checkpointing}) vs one process: max |weight error| {error:.2e}")
+    assert error < 1e-5
+
+
+def test_checkpoints_resume_across_world_sizes(reference, fsdp_run, char_data, tmp_path):
+    """Saved by FSDP on 2 ranks at step 4 -> resumed in one process, and the other way round: both continue with
+    the losses and weights of the uninterrupted run."""
+    ref_dir, ref_out = reference
+    for name, saved_by, launch in (("fsdp_to_one", fsdp_run[0], lambda *a: single(*a)),
+                                   ("one_to_fsdp", ref_dir, lambda *a: torchrun(*a, "--parallelism=fsdp"))):
+        out_dir = tmp_path / name
+        out_dir.mkdir()
+        shutil.copy(os.path.join(saved_by, "ckpt_0000004.pt"), out_dir / "ckpt.pt")
+        out = finished(launch(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                              "--gradient_accumulation_steps=2", "--init_from=resume"))
+        assert_same_run(out, ref_out, first=5)
+        error = max_weight_error(str(out_dir), ref_dir)
+        print(f"{name}: max |weight error| after resuming {error:.2e}")
+        assert error < 1e-5
+
+
+MEMORY_PROBE = """
+import resource, sys
+import torch
+import parallel
+from model import GPT, GPTConfig
+torch.manual_seed(0)
+gpt = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=256, vocab_size=65, bias=False, dropout=0.0))
+if sys.argv[1] == "True":
+    parallel.checkpoint_blocks(gpt)
+x = torch.randint(0, 65, (16, 256))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gpt(x, x)[1].backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_activation_checkpointing_same_loss_and_grads_less_memory():
+    import parallel
+    from model import GPT, GPTConfig
+
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=32, vocab_size=65, bias=False, dropout=0.0))
+        if checkpointed:
+            parallel.checkpoint_blocks(gpt)
+        x = torch.randint(0, 65, (4, 32), generator=torch.Generator().manual_seed(1))
+        _, loss = gpt(x, x)
+        loss.backward()
+        results.append((loss.item(), {parallel.clean_name(n): p.grad for n, p in gpt.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert grads_a.keys() == grads_b.keys()
+    assert abs(loss_a - loss_b) <= 1e-6
+    assert max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a) <= 1e-6
+    # peak memory, measured: the growth of the peak RSS over one forward + backward, in a fresh process each
+    grown = {}
+    for checkpointed in (False, True):
+        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(checkpointed)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+        assert proc.returncode == 0, proc.stderr
+        grown[checkpointed] = int(proc.stdout.split()[-1])
+    print(f"peak RSS growth over forward + backward: {grown[False] / 2**20:.0f} MiB without activation "
+          f"checkpointing, {grown[True] / 2**20:.0f} MiB with")
+    assert grown[True] < 0.8 * grown[False]  # measured here: 635 vs 396 MiB
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_match_one_process(reference, char_data, tmp_path):
+    """Two torchrun launches, one process each, meeting at a c10d rendezvous on 127.0.0.1 as two nodes would."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=test", "train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}",
+                               *STEPS, "--gradient_accumulation_steps=2"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+             for node in (0, 1)]
+    outs = [finished(p) for p in procs]
+    out = next(o for o in outs if "iter 8:" in o)  # the node that got rank 0 prints
+    assert sum("iter 8:" in o for o in outs) == 1, outs  # only rank 0 prints
+    assert "2 process(es) (ddp)" in out
+    assert_same_run(out, reference[1])
+    error = max_weight_error(str(tmp_path), reference[0])
+    print(f"two nodes vs one process: max |weight error| {error:.2e}")
+    assert error < 1e-5
+
+
+def test_total_batch_size_fixes_the_tokens_per_step_whatever_the_world_size(reference, char_data, tmp_path):
+    import parallel
+    from runtime import UserError
+
+    assert parallel.accumulation(256, 99, 4, 32, 1) == 2 and parallel.accumulation(256, 99, 4, 32, 2) == 1
+    assert parallel.accumulation(0, 4, 4, 32, 2) == 2  # off: gradient_accumulation_steps as before
+    with pytest.raises(UserError, match=r"total_batch_size=384 tokens is not a multiple of .* = 4 x 32 x 2 = 256"):
+        parallel.accumulation(384, 1, 4, 32, 2)
+    out = finished(torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}", *STEPS,
+                            "--total_batch_size=256"))
+    assert "batch: 256 tokens per step (total_batch_size) = 4 sequences x 32 tokens x 1 micro-steps x 2 " \
+           "process(es)" in out
+    assert "batch: 256 tokens per step = 4 sequences x 32 tokens x 2 micro-steps x 1 process(es)" in reference[1]
+    assert_same_run(out, reference[1])
+    assert max_weight_error(str(tmp_path), reference[0]) < 1e-5
