@@ -17,6 +17,8 @@ import time
 import torch
 
 import checkpoint
+import freeze
+import scaling
 from batches import Batches, dataset_dir
 from configurator import configure
 from metrics import RunLog, mean_over_ranks
@@ -73,9 +75,19 @@ seed = 1337
 sample_interval = 2000  # print a short sample every this many steps, and at the end (0: never)
 sample_prompt = "\n"  # the prompt of those samples
 sample_tokens = 100  # the length of those samples, in tokens
+# experiments (scaling.py, freeze.py)
+target_flops = 0.0  # total training FLOPs, which then set max_iters (and lr_decay_iters unless given); 0: off
+tokens_per_param = 0.0  # or tokens per parameter (Chinchilla: ~20), which then set max_iters; 0: off
+depth = 0  # the depth dial: n_layer=depth, n_embd=depth_aspect*depth, heads of size 64; explicit ones win; 0: off
+depth_aspect = 64  # the dial's width per layer
+freeze_layers = 0  # finetuning: freeze the embeddings and the bottom freeze_layers blocks (0: train everything)
+freeze_train_head = True  # with freeze_layers: still train ln_f and the head (tied to wte: the token embedding)
+unfreeze_every = 0  # progressive unfreezing: one more block trains every this many steps (0: never)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
+dial = scaling.apply_depth_dial({}, explicit, depth, depth_aspect)  # depth=N: n_layer, n_embd, n_head
+globals().update(dial), config.update(dial)
 
 # ----------------------------------------------------------------------------- where and how to run
 rt = setup(device, dtype, distributed=True)
@@ -124,8 +136,11 @@ model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("drop
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
+frz = (freeze_layers, unfreeze_every, freeze_train_head)  # the trainable set at step k: freeze.py
+freeze.freeze(model, *frz, 0, world_size)  # requires_grad, before the optimizer is built
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if state is not None:
+    freeze.catch_up(model, optimizer, *frz, iter_num, weight_decay, learning_rate)  # groups unfrozen before
     optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
@@ -141,6 +156,8 @@ if world_size > 1:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
+horizon = scaling.horizon_settings(config, explicit, gpt, tokens_per_iter)  # target_flops / tokens_per_param
+globals().update(horizon), config.update(horizon)
 peak, peak_source = peak_flops(device, dtype)
 run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak, peak_source),
                  compile and can_compile(device_type), wandb_run_id)  # prints the run's header
@@ -214,6 +231,8 @@ while True:
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
+    if freeze.unfreeze(gpt, optimizer, *frz, iter_num, weight_decay, lr) and master:
+        print(f"iter {iter_num}: unfroze down to block {freeze.frozen_blocks(*frz[:2], iter_num)}")
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     seed_iteration(seed, rank, iter_num)
