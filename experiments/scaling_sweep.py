@@ -69,7 +69,7 @@ def plot(path, points, fit, predicted, title):
         ax.plot([p["params"] for p in ps], [p["val_loss"] for p in ps], "o", label=f"trained, {budget:.2g} FLOPs")
     xs = np.geomspace(min(p["params"] for p in points) / 1.5, predicted["params"] * 1.5, 100)
     a, alpha, c = fit
-    ax.plot(xs, scaling.predict(fit, xs), "-", color="gray", label=f"fit {a:.3g}·N^-{alpha:.3g} + {c:.3g}")
+    ax.plot(xs, scaling.predict(fit, xs), "-", color="gray", label=f"fit {a:.3g}·N^(-α) + {c:.3g}, α = {alpha:.3g}")
     ax.plot([predicted["params"]], [predicted["predicted_loss"]], "x", color="red", ms=10, label="predicted")
     ax.plot([predicted["params"]], [predicted["val_loss"]], "s", mfc="none", color="red", label="then trained")
     ax.set_xscale("log")
@@ -110,7 +110,7 @@ def main():
     fit = scaling.fit_power_law([p["params"] for p in fit_points], [p["val_loss"] for p in fit_points])
     n_next = non_embedding_params(args.predict, args.aspect, args.vocab, args.block_size)
     predicted_loss = float(scaling.predict(fit, n_next))
-    print(f"fit at {budgets[-1]:.2g} FLOPs: L(N) = {fit[0]:.4g} * N^-{fit[1]:.4g} + {fit[2]:.4g}; depth "
+    print(f"fit at {budgets[-1]:.2g} FLOPs: L(N) = {fit[0]:.4g} * N^-alpha + {fit[2]:.4g}, alpha = {fit[1]:.4g}; depth "
           f"{args.predict} (N = {n_next:,}) predicted val loss {predicted_loss:.4f}", flush=True)
     nxt = train(args, args.predict, budgets[-1], extra)
     nxt["predicted_loss"] = predicted_loss
@@ -125,7 +125,7 @@ def main():
         rows.append(f"| {q['flops']:.2g} | {q['depth']}{tag} | {q['n_embd']} | {q['n_head']} | {q['params']:,} | "
                     f"{q['steps']:,} | {q['val_loss']:.4f} | {f'{fitted:.4f}' if fitted else ''} | "
                     f"{q['seconds']:.0f}s |")
-    summary = (f"L(N) = {fit[0]:.4g} * N^-{fit[1]:.4g} + {fit[2]:.4g} (fit on depths {args.depths} at "
+    summary = (f"L(N) = {fit[0]:.4g} * N^-alpha + {fit[2]:.4g}, alpha = {fit[1]:.4g} (fit on depths {args.depths} at "
                f"{budgets[-1]:.2g} FLOPs); depth {args.predict}: predicted {predicted_loss:.4f}, trained "
                f"{nxt['val_loss']:.4f}, error {error:+.4f} ({100 * error / nxt['val_loss']:+.1f}%)")
     table = "\n".join(rows) + "\n\n" + summary + "\n"
