@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -43,12 +44,13 @@ def train(args, depth, budget, extra):
            f"--depth={depth}", f"--depth_aspect={args.aspect}", f"--target_flops={budget}", "--overwrite=True",
            "--always_save_checkpoint=True", "--sample_interval=0", *extra]
     print(f"depth {depth}, {budget:.2g} FLOPs: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.time() - t0
     if proc.returncode:
         sys.exit(f"train.py failed for depth {depth}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     evals = re.findall(r"^step (\d+): train loss \S+, val loss (\S+)", proc.stdout, re.M)
     steps, loss = int(evals[-1][0]), float(evals[-1][1])  # the eval at the horizon
-    seconds = float(re.search(r"^summary: .* ([\d.]+)s wall time", proc.stdout, re.M).group(1))
     model = re.search(r"^model: .*; (\S+) FLOPs per token", proc.stdout, re.M).group(1)
     n = non_embedding_params(depth, args.aspect, args.vocab, args.block_size)
     print(f"  val loss {loss:.4f} after {steps} steps, {seconds:.0f}s ({model} FLOPs per token)", flush=True)
