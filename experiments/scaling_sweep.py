@@ -38,7 +38,7 @@ def non_embedding_params(depth, aspect, vocab_size=65, block_size=64):
 
 
 def train(args, depth, budget, extra):
-    """Train one model (or reuse it); returns (val loss, steps, seconds, non-embedding params, FLOPs per token)."""
+    """Train one model; returns its row: depth, shape, budget, params, steps, val loss, seconds."""
     out = os.path.join(args.out_dir, f"c{budget:.0e}_d{depth}")
     cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--dataset={args.dataset}", f"--out_dir={out}",
            f"--depth={depth}", f"--depth_aspect={args.aspect}", f"--target_flops={budget}", "--overwrite=True",
