@@ -82,6 +82,13 @@ def unfreeze(model, optimizer, freeze_layers, unfreeze_every, train_head, step, 
     return [n for n, _ in new]
 
 
+def describe(model, names):
+    """One line on what unfreeze() just did: which blocks (or embeddings, head), and how many parameters train now."""
+    parts = sorted({f"block {n.split('.')[2]}" if n.startswith("transformer.h.") else n.split(".")[-2] for n in names})
+    trainable, total = counts(model)
+    return f"unfroze {', '.join(parts)}: {trainable:,} of {total:,} parameters train now"
+
+
 def catch_up(model, optimizer, freeze_layers, unfreeze_every, train_head, step, weight_decay, lr):
     """
     A run resumed at `step`: redo the unfreezes of the steps before it on the optimizer built for step 0, so its

@@ -231,8 +231,8 @@ while True:
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    if freeze.unfreeze(gpt, optimizer, *frz, iter_num, weight_decay, lr) and master:
-        print(f"iter {iter_num}: unfroze down to block {freeze.frozen_blocks(*frz[:2], iter_num)}")
+    if (unfrozen := freeze.unfreeze(gpt, optimizer, *frz, iter_num, weight_decay, lr)) and master:
+        print(f"iter {iter_num}: {freeze.describe(gpt, unfrozen)}")
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     seed_iteration(seed, rank, iter_num)
