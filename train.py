@@ -87,7 +87,8 @@ unfreeze_every = 0  # progressive unfreezing: one more block trains every this m
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
 dial = scaling.apply_depth_dial({}, explicit, depth, depth_aspect)  # depth=N: n_layer, n_embd, n_head
-globals().update(dial), config.update(dial)
+globals().update(dial)
+config.update(dial)
 
 # ----------------------------------------------------------------------------- where and how to run
 rt = setup(device, dtype, distributed=True)
@@ -157,7 +158,8 @@ if world_size > 1:
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
 horizon = scaling.horizon_settings(config, explicit, gpt, tokens_per_iter)  # target_flops / tokens_per_param
-globals().update(horizon), config.update(horizon)
+globals().update(horizon)
+config.update(horizon)
 peak, peak_source = peak_flops(device, dtype)
 run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak, peak_source),
                  compile and can_compile(device_type), wandb_run_id)  # prints the run's header
