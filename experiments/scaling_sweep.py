@@ -76,6 +76,10 @@ def plot(path, points, fit, predicted, title):
     ax.plot([predicted["params"]], [predicted["val_loss"]], "s", mfc="none", color="red", label="then trained")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("val loss")
     ax.set_title(title, fontsize=9)
@@ -92,7 +96,15 @@ def main():
     p.add_argument("--aspect", type=int, default=32, help="n_embd = aspect * depth (train.py's depth_aspect)")
     p.add_argument("--target_flops", default="3e11", help="training FLOPs per model; a comma list for several")
     p.add_argument("--out_dir", default="out-sweep")
+    p.add_argument("--plot_only", action="store_true", help="redraw sweep.png from out_dir/sweep.json")
     args, extra = p.parse_known_args()
+    if args.plot_only:
+        with open(os.path.join(args.out_dir, "sweep.json")) as f:
+            done = json.load(f)
+        points, fit = done["points"], tuple(done["fit"][k] for k in ("a", "alpha", "c"))
+        nxt = next(q for q in points if "predicted_loss" in q)
+        plot(os.path.join(args.out_dir, "sweep.png"), points, fit, nxt, done.get("title", args.out_dir))
+        return
     defaults = ["--device=cpu", "--compile=False", "--block_size=64", "--batch_size=32", "--gradient_accumulation_steps=1",
                 "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=5", "--beta2=0.99", "--eval_interval=1000000",
                 "--eval_iters=20", "--log_interval=100"]
@@ -130,6 +142,12 @@ def main():
     summary = (f"L(N) = {fit[0]:.4g} * N^-alpha + {fit[2]:.4g}, alpha = {fit[1]:.4g} (fit on depths {args.depths} at "
                f"{budgets[-1]:.2g} FLOPs); depth {args.predict}: predicted {predicted_loss:.4f}, trained "
                f"{nxt['val_loss']:.4f}, error {error:+.4f} ({100 * error / nxt['val_loss']:+.1f}%)")
+    title = (f"{os.path.basename(os.path.normpath(args.dataset))}: depths {args.depths} (aspect {args.aspect}) at "
+             f"{budgets[-1]:.2g} FLOPs, predicting depth {args.predict}")
+    if fit[1] < 0:
+        summary += (f"\nnote: alpha < 0: at {budgets[-1]:.2g} FLOPs the loss rises with N, i.e. these models are past the "
+                    f"compute-optimal size for the budget (fewer tokens each); the fit extrapolates that trend. Raise "
+                    f"--target_flops or use smaller depths to fit the bigger-is-better side.")
     table = "\n".join(rows) + "\n\n" + summary + "\n"
     print("\n" + table)
     with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
@@ -139,9 +157,8 @@ def main():
                    "prediction": {"depth": args.predict, "params": n_next, "predicted_loss": predicted_loss,
                                   "val_loss": nxt["val_loss"], "error": error},
                    "compute_optimal_depth": {f"{b:.3g}": d for b, d in optimal.items()},
-                   "points": points, "train_args": extra}, f, indent=1)
-    plot(os.path.join(args.out_dir, "sweep.png"), points, fit, nxt,
-         f"{args.dataset}: depths {args.depths} at {budgets[-1]:.2g} FLOPs, predicting depth {args.predict}")
+                   "points": points, "train_args": extra, "title": title}, f, indent=1)
+    plot(os.path.join(args.out_dir, "sweep.png"), points, fit, nxt, title)
     print(f"wrote {args.out_dir}/sweep.md, sweep.json and sweep.png")
 
 
