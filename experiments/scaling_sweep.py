@@ -4,8 +4,10 @@ to their val losses (N: non-embedding parameters), predict the loss of the next 
 report the prediction's error. Writes a table (sweep.md), a log-log picture (sweep.png) and the fitted constants
 with every point (sweep.json) into --out_dir.
 
-    python experiments/scaling_sweep.py --dataset=shakespeare_char --depths=1,2,3,4 --predict=5 \
-        --target_flops=3e11 --out_dir=out-sweep            # the tiny Shakespeare sweep, ~15 min on 2 CPU cores
+    python experiments/scaling_sweep.py --dataset=shakespeare_char   # the tiny Shakespeare sweep: depths 2-5
+        # (aspect 16) at 3e11 FLOPs each, then depth 6; ~3 minutes on 2 CPU cores, into out-sweep/
+    python experiments/scaling_sweep.py --dataset=shakespeare_char --aspect=8 --depths=3,4,5,6 --predict=8 \
+        --target_flops=2e12 --batch_size=32 --out_dir=out-sweep-2e12          # a bigger one, ~20 minutes
     python experiments/scaling_sweep.py --target_flops=1e11,3e11 ...   # several budgets: the compute-optimal
                                                                        # depth of each (fit: the largest budget)
 
@@ -76,13 +78,15 @@ def plot(path, points, fit, predicted, title):
     ax.plot([predicted["params"]], [predicted["val_loss"]], "s", mfc="none", color="red", label="then trained")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
     ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("val loss")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title.replace(", predicting", ",\npredicting"), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -91,9 +95,9 @@ def plot(path, points, fit, predicted, title):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shakespeare_char")
-    p.add_argument("--depths", default="1,2,3,4", help="the family to fit (the depth dial)")
-    p.add_argument("--predict", type=int, default=5, help="the depth to predict, then train")
-    p.add_argument("--aspect", type=int, default=32, help="n_embd = aspect * depth (train.py's depth_aspect)")
+    p.add_argument("--depths", default="2,3,4,5", help="the family to fit (the depth dial)")
+    p.add_argument("--predict", type=int, default=6, help="the depth to predict, then train")
+    p.add_argument("--aspect", type=int, default=16, help="n_embd = aspect * depth (train.py's depth_aspect)")
     p.add_argument("--target_flops", default="3e11", help="training FLOPs per model; a comma list for several")
     p.add_argument("--out_dir", default="out-sweep")
     p.add_argument("--plot_only", action="store_true", help="redraw sweep.png from out_dir/sweep.json")
@@ -105,7 +109,7 @@ def main():
         nxt = next(q for q in points if "predicted_loss" in q)
         plot(os.path.join(args.out_dir, "sweep.png"), points, fit, nxt, done.get("title", args.out_dir))
         return
-    defaults = ["--device=cpu", "--compile=False", "--block_size=64", "--batch_size=32", "--gradient_accumulation_steps=1",
+    defaults = ["--device=cpu", "--compile=False", "--block_size=64", "--batch_size=16", "--gradient_accumulation_steps=1",
                 "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=5", "--beta2=0.99", "--eval_interval=1000000",
                 "--eval_iters=20", "--log_interval=100"]
     given = {a.split("=")[0] for a in extra}
