@@ -108,6 +108,8 @@ def plain_meta(meta, where):
     if not isinstance(plain["vocab_size"], int) or not 0 < plain["vocab_size"] <= DTYPES[plain["dtype"]]:
         raise UserError(f"{where} says vocab_size {plain['vocab_size']!r}, which {plain['dtype']} cannot hold: re-run "
                         f"that dataset's prepare.py")
+    if isinstance(meta.get("tokenizer_json"), str):  # your own tokenizer (data/train_tokenizer.py): checkpoints keep it
+        plain["tokenizer_json"] = meta["tokenizer_json"]
     if itos is not None:
         plain["stoi"] = {ch: i for i, ch in itos.items()}
         plain["itos"] = itos
@@ -116,6 +118,11 @@ def plain_meta(meta, where):
 
 def _tokenizer_name(meta):
     return {"gpt2": "GPT-2 BPE tokens", "char": "characters"}.get(meta["tokenizer"], f"{meta['tokenizer']} tokens")
+
+
+def _prepare_arg(meta):
+    """data/text/prepare.py's --tokenizer for data in this metadata's tokenizer."""
+    return "path/to/its/tokenizer.json" if meta["tokenizer"].startswith("hf:") else meta["tokenizer"]
 
 
 def largest_id(path, dtype):
@@ -208,7 +215,7 @@ class Batches:
         if self.meta["tokenizer"] != theirs["tokenizer"]:
             raise UserError(f"{self.data_dir} is in {_tokenizer_name(self.meta)} but {what} was trained on "
                             f"{_tokenizer_name(theirs)}: prepare the data with that tokenizer (e.g. "
-                            f"data/text/prepare.py --tokenizer={theirs['tokenizer']}), or train from scratch "
+                            f"data/text/prepare.py --tokenizer={_prepare_arg(theirs)}), or train from scratch "
                             f"(--init_from=scratch)")
         if self.meta.get("stoi") != theirs.get("stoi"):
             raise UserError(f"{self.data_dir} numbers its characters differently from the data {what} was trained on: "

@@ -7,7 +7,8 @@ Export a checkpoint of train.py as a Hugging Face transformers GPT-2 folder (con
 transformers.AutoModelForCausalLM.from_pretrained(hf_dir) then gives the same logits as this repo's model.
 A GPT-2 BPE checkpoint also gets GPT-2's tokenizer files, so AutoTokenizer.from_pretrained(hf_dir) works offline,
 and its vocabulary padding (50304 rows) is cut back to GPT-2's 50257 tokens. A character-level checkpoint gets
-char_vocab.json ({character: id}) instead of a tokenizer. bias=False exports with zero biases, which is exact.
+char_vocab.json ({character: id}) instead of a tokenizer. A checkpoint trained on data in your own tokenizer
+(data/train_tokenizer.py) gets its tokenizer.json (which the checkpoint's metadata carries) and tokenizer_config.json. bias=False exports with zero biases, which is exact.
 """
 
 import json
@@ -29,6 +30,7 @@ ckpt = "best"  # 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file i
 hf_dir = ""  # the folder to write (required)
 # -----------------------------------------------------------------------------
 GPT2_VOCAB = 50257  # GPT-2's tokens; 50256 is <|endoftext|>
+EOT = "<|endoftext|>"
 # OpenAI's GPT-2 BPE files (as in tiktoken_ext/openai_public.py), read through tiktoken's cache. transformers'
 # vocab.json is the same file as encoder.json, and merges.txt the same as vocab.bpe.
 GPT2_FILES = {
@@ -121,6 +123,11 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 eot, dropout = (GPT2_VOCAB - 1 if is_gpt2 else None), args.get("dropout", 0.0)
+own_tokenizer = str(meta.get("tokenizer", "")).startswith("hf:") and "tokenizer_json" in meta  # train_tokenizer.py's
+if own_tokenizer:
+    from tokenizer import load_tokenizer  # noqa: E402
+
+    eot = load_tokenizer(meta).eot
 try:
     config = GPT2Config(vocab_size=vocab, n_positions=args["block_size"], n_embd=args["n_embd"],
                         n_layer=args["n_layer"], n_head=args["n_head"], activation_function="gelu_new",
@@ -145,6 +152,15 @@ try:
         GPT2TokenizerFast(vocab=json.loads(tokenizer_files["vocab.json"]), merges=merges,
                           model_max_length=args["block_size"]).save_pretrained(staging)
         tokenizer = "GPT-2 tokenizer"
+    elif own_tokenizer:  # the tokenizer.json the checkpoint carries, as a transformers fast tokenizer
+        from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+        with open(os.path.join(staging, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(meta["tokenizer_json"])
+        special = {"eos_token": EOT, "bos_token": EOT} if eot is not None else {}
+        PreTrainedTokenizerFast(tokenizer_file=os.path.join(staging, "tokenizer.json"), model_max_length=args["block_size"],
+                                **special).save_pretrained(staging)
+        tokenizer = f"your own tokenizer {meta['tokenizer']} (tokenizer.json)"
     elif "stoi" in meta:
         with open(os.path.join(staging, "char_vocab.json"), "w", encoding="utf-8") as f:
             json.dump(meta["stoi"], f, ensure_ascii=False, indent=0)

@@ -362,7 +362,12 @@ class RunLog:
         print(f"horizon: {self.max_iters:,} steps = {human(horizon_tokens)} tokens"
               f"{f' (from step {self.start_iter:,})' if self.start_iter else ''}, "
               f"{horizon_tokens / total:.1f} tokens per parameter (compute-optimal: ~{CHINCHILLA}), "
-              f"{flops_per_token * horizon_tokens:.2e} FLOPs in all")
+              f"{flops_per_token * horizon_tokens:.2e} FLOPs in all"
+              f"{f'; set by {rule}' if (rule := c.get('horizon_rule')) else ''}")
+        trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
+        if trainable < total:  # freeze_layers (freeze.py)
+            print(f"trainable: {human(trainable)} of {human(total)} parameters ({100 * trainable / total:.1f}%), "
+                  f"freeze_layers={c.get('freeze_layers')}, unfreeze_every={c.get('unfreeze_every')}")
         how = f" ({c.get('parallelism', 'ddp')})" if rt.world_size > 1 else ""
         how += ", activation checkpointing" if c.get("activation_checkpointing") else ""
         print(f"device: {rt.device} {rt.dtype}, compile {'on' if compiled else 'off'}, {rt.world_size} process(es){how}, "

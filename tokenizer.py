@@ -1,6 +1,7 @@
 """
 Text <-> token ids for a dataset's metadata (batches.load_meta / checkpoint_meta): its characters (stoi, itos),
-or GPT-2's BPE via tiktoken (the tokenizer 'gpt2', and any metadata without a character vocabulary).
+or GPT-2's BPE via tiktoken (the tokenizer 'gpt2', and any metadata without a character vocabulary), or your own
+byte-level BPE (tokenizer 'hf:<hash>', data/train_tokenizer.py) from the tokenizer.json the metadata embeds.
 
     tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)
     ids = tok.encode("ROMEO:"); text = tok.decode(ids)
@@ -79,6 +80,61 @@ class BPETokenizer:
         return out
 
 
+def _byte_alphabet():
+    """GPT-2's byte-level alphabet (the printable character standing for each byte), as tokenizers' ByteLevel uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+BYTE_OF = _byte_alphabet()  # character -> byte
+
+
+class HFTokenizer:
+    """Your own byte-level BPE (data/train_tokenizer.py), from the tokenizer.json that meta.json embeds."""
+
+    def __init__(self, name, tokenizer_json, vocab_size=None):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.name, self.eot = name, self.tok.token_to_id("<|endoftext|>")
+        n = self.tok.get_vocab_size()
+        self.valid_vocab = min(n, vocab_size or n)
+        self.special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        self._bytes = {}
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def bytes_of(self, i):
+        i = int(i)
+        if i not in self._bytes:
+            piece = self.tok.id_to_token(i)
+            if piece is None:
+                self._bytes[i] = b""
+            elif piece in self.special:
+                self._bytes[i] = piece.encode("utf-8")
+            else:
+                self._bytes[i] = bytes(BYTE_OF[c] for c in piece)
+        return self._bytes[i]
+
+    def token_bytes(self, vocab_size):
+        out = torch.zeros(vocab_size, dtype=torch.long)
+        for i in range(min(vocab_size, self.tok.get_vocab_size())):
+            piece = self.tok.id_to_token(i)
+            if piece is not None and piece not in self.special:
+                out[i] = len(self.bytes_of(i))
+        return out
+
+
 def load_tokenizer(meta, vocab_size=None):
     """The tokenizer of a dataset's metadata; vocab_size (the model's) checks that its vocabulary fits."""
     meta = meta or {}
@@ -89,6 +145,11 @@ def load_tokenizer(meta, vocab_size=None):
                             f"{vocab_size} tokens")
         return tok
     name = meta.get("tokenizer") or "gpt2"
+    if name.startswith("hf:"):
+        if "tokenizer_json" not in meta:
+            raise UserError(f"the metadata names tokenizer {name} but does not hold its tokenizer.json: re-run the "
+                            f"dataset's prepare.py with --tokenizer=path/to/tokenizer.json")
+        return HFTokenizer(name, meta["tokenizer_json"], vocab_size)
     if name == "char":
         raise UserError("the dataset's metadata says tokenizer 'char' but holds no character vocabulary (stoi): "
                         "re-run its prepare.py")

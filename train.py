@@ -17,8 +17,10 @@ import time
 import torch
 
 import checkpoint
+import freeze
 import hellaswag
 import parallel
+import scaling
 from batches import Batches, dataset_dir
 from configurator import configure
 from metrics import RunLog, mean_over_ranks
@@ -82,9 +84,20 @@ hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
 parallelism = "ddp"  # under torchrun: 'ddp' (a full copy per GPU) or 'fsdp' (FSDP2: weights, grads, AdamW sharded)
 activation_checkpointing = False  # recompute each Block in backward: less activation memory, ~1/3 more compute
 total_batch_size = 0  # tokens per optimizer step over all ranks; sets gradient_accumulation_steps (0: off)
+# experiments (scaling.py, freeze.py)
+target_flops = 0.0  # total training FLOPs, which then set max_iters (and lr_decay_iters unless given); 0: off
+tokens_per_param = 0.0  # or tokens per parameter (Chinchilla: ~20), which then set max_iters; 0: off
+depth = 0  # the depth dial: n_layer=depth, n_embd=depth_aspect*depth, heads of size 64; explicit ones win; 0: off
+depth_aspect = 64  # the dial's width per layer
+freeze_layers = 0  # finetuning: freeze the embeddings and the bottom freeze_layers blocks (0: train everything)
+freeze_train_head = True  # with freeze_layers: still train ln_f and the head (tied to wte: the token embedding)
+unfreeze_every = 0  # progressive unfreezing: one more block trains every this many steps (0: never)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
+dial = scaling.apply_depth_dial({}, explicit, depth, depth_aspect)  # depth=N: n_layer, n_embd, n_head
+globals().update(dial)
+config.update(dial)
 
 # ----------------------------------------------------------------------------- where and how to run
 rt = setup(device, dtype, distributed=True)
@@ -132,11 +145,14 @@ model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("drop
 model.to(device)
 
 gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
+frz = (freeze_layers, unfreeze_every, freeze_train_head)  # the trainable set at step k: freeze.py
+freeze.freeze(gpt, *frz, 0, world_size)  # requires_grad, before DDP/FSDP wrap it and the optimizer is built
 fsdp = parallelism == "fsdp" and world_size > 1  # FSDP2 shards gpt's weights in place
 model = parallel.wrap(gpt, rt, parallelism, compile and can_compile(device_type), activation_checkpointing)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
 optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if state is not None:
+    freeze.catch_up(gpt, optimizer, *frz, iter_num, weight_decay, learning_rate)  # groups unfrozen before
     parallel.load_optimizer(gpt, optimizer, state["optimizer"], fsdp)
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
@@ -146,6 +162,9 @@ if fsdp and (sample_interval or hellaswag_interval):  # rank 0 alone, or ranks u
     sample_interval = hellaswag_interval = config["sample_interval"] = config["hellaswag_interval"] = 0
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
+horizon = scaling.horizon_settings(config, explicit, gpt, tokens_per_iter)  # target_flops / tokens_per_param
+globals().update(horizon)
+config.update(horizon)
 peak, peak_source = peak_flops(device, dtype)
 run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak, peak_source),
                  compile and can_compile(device_type), wandb_run_id)  # prints the run's header
@@ -223,6 +242,8 @@ while True:
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate
+    if (unfrozen := freeze.unfreeze(gpt, optimizer, *frz, iter_num, weight_decay, lr)) and master:
+        print(f"iter {iter_num}: {freeze.describe(gpt, unfrozen)}")
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index

@@ -25,3 +25,15 @@ max_iters = 20
 # finetune at a small constant learning rate
 learning_rate = 3e-5
 decay_lr = False
+
+# Frozen layers (freeze.py), cheaper finetuning: freeze_layers=K freezes the embeddings and the bottom K of the
+# n_layer blocks, so only the top n_layer-K blocks train, plus ln_f and the head while freeze_train_head=True. The
+# head is tied to the token embedding (one tensor, as in GPT-2): training the head also moves every token's input
+# embedding; freeze_train_head=False freezes both (and ln_f), i.e. freezes the embedding. unfreeze_every=S unfreezes
+# one more block, from the top down, every S steps (progressive unfreezing; the embeddings last, once every block
+# trains). The optimizer holds only the trainable parameters (no AdamW state for frozen ones: less memory), the
+# header prints trainable vs total parameters, and --init_from=resume is exact. E.g. for gpt2-xl (48 layers):
+#   python train.py config/finetune_shakespeare.py --freeze_layers=40 --unfreeze_every=5
+freeze_layers = 0  # 0: train every layer (the default)
+freeze_train_head = True
+unfreeze_every = 0

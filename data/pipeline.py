@@ -56,7 +56,7 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
     p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample")
     p.add_argument("--text_field", default="text", help="the column holding the text (.jsonl, .parquet, hub)")
     p.add_argument("--split_by", choices=SAMPLE_BY, default="file", help="what one document is, in .txt files")
-    p.add_argument("--tokenizer", choices=("gpt2", "char"), default="gpt2")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer.json (data/train_tokenizer.py)")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)")
     p.set_defaults(**defaults)
     args = p.parse_args()
@@ -64,6 +64,9 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
         fail(f"--num_proc={args.num_proc}: use 1 or more processes")
     if not 0 < args.val_fraction < 1:
         fail(f"--val_fraction={args.val_fraction}: use a share between 0 and 1, e.g. 0.0005")
+    if args.tokenizer not in ("gpt2", "char") and not (args.tokenizer.endswith(".json") and
+                                                       os.path.isfile(args.tokenizer)):
+        fail(f"--tokenizer={args.tokenizer}: use gpt2, char, or the path of a tokenizer.json (data/train_tokenizer.py)")
     if not args.data_files and not args.hub_dataset:
         fail("no documents: pass --data_files=PATH (files or folders) or --hub_dataset=NAME")
     return args
@@ -182,6 +185,36 @@ def encode_gpt2(texts):
     return np.concatenate(ids) if ids else np.zeros(0, dtype=np.uint16)
 
 
+_HF = {}  # tokenizer.json path -> tokenizers.Tokenizer, loaded once per process
+
+
+def encode_hf(texts, path, eot, dtype):
+    """Ids of each document in a Hugging Face tokenizer (tokenizer.json), then its end-of-text token if it has one."""
+    if path not in _HF:
+        from tokenizers import Tokenizer
+
+        _HF[path] = Tokenizer.from_file(path)
+    tok, ids = _HF[path], []
+    for encoding in tok.encode_batch(texts, add_special_tokens=False):
+        ids += [np.array(encoding.ids, dtype=dtype)] + ([np.array([eot], dtype=dtype)] if eot is not None else [])
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+
+
+def hf_meta(path):
+    """meta.json's fields for a tokenizer.json: its name 'hf:<sha256, 16 hex>', its vocabulary, and the file itself
+    (so a checkpoint, which carries the metadata, carries the tokenizer)."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    tok = Tokenizer.from_str(text)
+    return {"tokenizer": "hf:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
+            "vocab_size": tok.get_vocab_size(), "eot": tok.token_to_id("<|endoftext|>"),
+            "tokenizer_file": os.path.abspath(path), "tokenizer_json": text}
+
+
 def encode_chars(texts, codepoints, dtype):
     """Character ids (positions in the sorted codepoints) of each document followed by a newline."""
     text = "".join(t + "\n" for t in texts)
@@ -274,6 +307,11 @@ def main(description, out_dir, paths_positional=False, **defaults):
         gpt2_encoding()  # fails here, in one line, if tiktoken's files are unavailable
         encode = encode_gpt2
         meta.update(vocab_size=GPT2_VOCAB, eot=GPT2_EOT)
+    elif args.tokenizer.endswith(".json"):
+        meta.update(hf_meta(args.tokenizer))
+        encode = partial(encode_hf, path=os.path.abspath(args.tokenizer), eot=meta["eot"],
+                         dtype=token_dtype(meta["vocab_size"]))
+        print(f"tokenizer: {args.tokenizer} ({meta['tokenizer']}), {meta['vocab_size']:,} tokens")
     else:
         chars = vocabulary(splits, field, args.num_proc)
         codepoints = np.array([ord(c) for c in chars], dtype=np.uint32)

@@ -6,7 +6,9 @@ A prepared dataset is a folder holding
     train.bin, val.bin  each a flat stream of token ids, little-endian uint16 (vocab_size <= 65,536) or uint32
     meta.json           {"format": 1, "tokenizer": "gpt2" or "char", "vocab_size", "dtype", "eot" (the id after
                         every document, or null), "tokens": {split: count}, "documents": {split: count},
-                        "source": where the text came from, and for "char" "vocab": the characters in id order}
+                        "source": where the text came from, and for "char" "vocab": the characters in id order;
+                        for a tokenizer.json (data/train_tokenizer.py) tokenizer is "hf:<sha256, 16 hex digits>"
+                        and "tokenizer_file" (its path) and "tokenizer_json" (the file itself) come along}
 which batches.load_meta reads for train.py, sample.py, bench.py and export.py.
 """
 
