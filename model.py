@@ -7,7 +7,6 @@ checkpoints convert key by key. References:
 2) Hugging Face transformers' PyTorch implementation of GPT-2 (GPT2LMHeadModel)
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -268,14 +267,10 @@ class GPT(nn.Module):
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm gains are not decayed
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW is one kernel per step, and it skips the update on device when `found_inf` is set (no host sync)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        """AdamW with weight decay on matrices only (optim.py also has Muon and the lr schedules)."""
+        import optim
+
+        return optim.create(self, "adamw", learning_rate, weight_decay, betas, device_type)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter, plus attention (PaLM paper, appendix B)."""
