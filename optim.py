@@ -71,7 +71,10 @@ class MuonAdamW:
     def __init__(self, muon, adamw):
         self.muon, self.adamw = muon, adamw
         self.optimizers = (muon, adamw)
-        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces the optimizers' group dicts
+        return self.muon.param_groups + self.adamw.param_groups
 
     def step(self, skipped=None, scaler=None):
         """
