@@ -249,3 +249,16 @@ def test_export_refuses_a_modern_model_in_one_line(tmp_path):
     proc = run("export.py", f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'hf'}", "--ckpt=latest", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert proc.stderr.startswith("error: ") and "rotary=True" in proc.stderr and not os.path.exists(tmp_path / "hf")
+
+
+def test_muon_under_ddp_trains(char_data, tmp_path):
+    """Two gloo ranks with the modern recipe: Muon steps on the all-reduced gradients, the run finishes and saves."""
+    from test_distributed import torchrun
+
+    proc = torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}", "--recipe=modern", "--max_iters=4",
+                    "--eval_interval=4", "--gradient_accumulation_steps=2", "--lr_decay_iters=4")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "2 process(es)" in out and re.search(r"^iter 4: loss \d", out, re.M)
+    state = checkpoint.load(str(tmp_path / "ckpt.pt"))
+    assert state["iter_num"] == 4 and set(state["optimizer"]) == {"muon", "adamw"}
