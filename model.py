@@ -173,7 +173,8 @@ class GPT(nn.Module):
             ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_head:  # the output projection is the token embedding (https://paperswithcode.com/method/weight-tying)
+        if config.tie_head:  # weight tying: the output projection is the token embedding
+            # (https://paperswithcode.com/method/weight-tying)
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer)
@@ -222,7 +223,7 @@ class GPT(nn.Module):
             logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # inference needs only the last position: (B, 1, vocab_size)
+            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # inference needs only the last position: (B, 1, V)
             loss = None
         return logits, loss
 

@@ -85,7 +85,7 @@ zero_init = False  # output projections into the residual stream start at zero
 tie_head = True  # lm_head shares wte's weight (False: an untied output matrix)
 logit_softcap = 0.0  # > 0: logits squashed into (-cap, cap) by cap * tanh(logits / cap)
 x0_mix = False  # embedding shortcut: every block mixes in the embeddings, x = a_i * x + b_i * x0 (learned)
-optimizer = "adamw"  # 'adamw', or 'muon': Muon (muon_lr) for the blocks' Linear weights, AdamW (learning_rate) for the rest
+optimizer = "adamw"  # 'adamw', or 'muon': Muon (muon_lr) for the blocks' Linears, AdamW (learning_rate) for the rest
 muon_lr = 0.02  # Muon's peak lr (scheduled like learning_rate)
 muon_momentum = 0.95
 lr_schedule = "cosine"  # 'cosine' (warmup, cosine to min_lr) or 'wsd' (warmup, stable, linear cooldown)

@@ -113,7 +113,8 @@ def test_muon_steps_only_the_blocks_linear_weights():
     opt = optim.create(m, "muon", 1e-3, 0.1, (0.9, 0.95), "cpu", muon_lr=0.02)
     names = {id(p): n for n, p in m.named_parameters()}
     in_muon = sorted(names[id(p)] for g in opt.muon.param_groups for p in g["params"])
-    assert in_muon == sorted(n for n in names.values() if re.fullmatch(r"transformer\.h\.\d\.(attn|mlp)\.c_\w+\.weight", n))
+    hidden = r"transformer\.h\.\d\.(attn|mlp)\.c_\w+\.weight"
+    assert in_muon == sorted(n for n in names.values() if re.fullmatch(hidden, n))
     assert all(p.dim() == 2 for g in opt.muon.param_groups for p in g["params"])
     for p in m.parameters():
         p.grad = torch.randn_like(p)
@@ -233,7 +234,7 @@ def test_old_checkpoint_without_new_keys_still_loads(tmp_path):
     args = {k: getattr(m.config, k) for k in checkpoint.GPT2_KEYS + ("dropout",)}  # as older versions saved
     state = dict(model=m.state_dict(), model_args=args, iter_num=3, best_val_loss=2.0, config={}, meta={})
     loaded = checkpoint.model_from_checkpoint(state)
-    assert not loaded.config.rotary and loaded.config.tie_head and loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert not loaded.config.rotary and loaded.lm_head.weight is loaded.transformer.wte.weight
     idx = torch.randint(65, (1, 16))
     assert torch.equal(loaded(idx, idx)[0], m(idx, idx)[0])
     checkpoint.check_model_args(state, "ckpt.pt", {"rotary": False}, {"rotary"})  # agrees with the default
