@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
+import optim
+from checkpoint import RECIPE_KEYS
 from configurator import configure, script_settings
 from model import GPT, GPTConfig
 from runtime import can_compile, install_error_hook, peak_flops, setup, synchronize
@@ -42,7 +44,10 @@ argv = sys.argv[1:]
 if not any(not a.startswith("-") for a in argv) and not torch.cuda.is_available() and "--device=cuda" not in argv:
     print(f"no config given and no GPU: timing {CPU_DEFAULT} (name a config to time another)")
     argv = [os.path.join(REPO, CPU_DEFAULT), *argv]
-configure(globals(), argv)
+config, explicit = configure(globals(), argv)
+for k, v in optim.RECIPES[recipe].items():  # train.py's recipe switch: what the config and command line did not set
+    if k not in explicit:
+        globals()[k] = v
 
 rt = setup(device, dtype)
 device, device_type, dtype, ctx = rt.device, rt.device_type, rt.dtype, rt.autocast
@@ -80,12 +85,14 @@ if init_from in GPT2_SHAPES:  # a finetuning config: time the GPT-2 it starts fr
     bias = True
 torch.manual_seed(seed)
 gpt = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                    vocab_size=batches.vocab_size or 50304, dropout=dropout))
+                    vocab_size=batches.vocab_size or 50304, dropout=dropout,
+                    **{k: globals()[k] for k in RECIPE_KEYS}))
 if prepared:
     batches.check_vocab(gpt.config.vocab_size)
 gpt.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)  # constant lr
+optimizer = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
+                         muon_momentum)  # constant lr
 compiled = compile and can_compile(device_type)
 model = torch.compile(gpt) if compiled else gpt
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size

@@ -26,7 +26,10 @@ from model import GPT, GPTConfig
 from runtime import UserError
 
 LATEST, BEST = "ckpt.pt", "best.pt"
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what a checkpoint fixes
+GPT2_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what a GPT-2 is made of
+# the modern recipe's options (model.GPTConfig); a checkpoint without them (older) gets GPTConfig's defaults: GPT-2
+RECIPE_KEYS = ("rotary", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_head", "logit_softcap", "x0_mix")
+ARCH_KEYS = GPT2_KEYS + RECIPE_KEYS  # what a checkpoint fixes
 
 
 def lock(out_dir):
@@ -238,8 +241,9 @@ def model_from_checkpoint(state, dropout=None):
 def check_model_args(state, path, config, explicit):
     """A setting the user gave explicitly must agree with the checkpoint's architecture."""
     for k in ARCH_KEYS:
-        if k in explicit and config[k] != state["model_args"][k]:
-            raise UserError(f"{path} was trained with {k}={state['model_args'][k]!r} but the config asks for "
+        trained = state["model_args"].get(k, getattr(GPTConfig, k))  # older checkpoints: the default
+        if k in explicit and config[k] != trained:
+            raise UserError(f"{path} was trained with {k}={trained!r} but the config asks for "
                             f"{k}={config[k]!r}: drop that setting, or use a new --out_dir to train from scratch")
 
 

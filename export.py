@@ -21,7 +21,7 @@ import torch
 import checkpoint
 from batches import checkpoint_meta
 from configurator import configure
-from model import CONV1D_WEIGHTS
+from model import CONV1D_WEIGHTS, GPTConfig
 from runtime import UserError, install_error_hook
 
 # ----------------------------------------------------------------------------- settings
@@ -97,10 +97,14 @@ path = checkpoint.find(out_dir, ckpt)
 state = checkpoint.load(path)
 args, sd = state["model_args"], state["model"]
 allowed = set(checkpoint.ARCH_KEYS) | {"dropout"}
-extra, missing = sorted(set(args) - allowed), sorted(set(checkpoint.ARCH_KEYS) - set(args))
+extra, missing = sorted(set(args) - allowed), sorted(set(checkpoint.GPT2_KEYS) - set(args))
 if extra or missing:
     raise UserError(f"{path} has model_args the GPT-2 format cannot hold (extra {extra}, missing {missing}): "
                     f"GPT-2 is described by exactly {', '.join(sorted(allowed))}")
+for k in checkpoint.RECIPE_KEYS:  # the modern recipe's options must all be off (older checkpoints lack them)
+    if args.get(k, getattr(GPTConfig, k)) != getattr(GPTConfig, k):
+        raise UserError(f"{path} was trained with {k}={args[k]!r}, which GPT-2 cannot hold: only the GPT-2 "
+                        f"architecture exports ({k}={getattr(GPTConfig, k)!r}, as --recipe=gpt2 trains)")
 meta = checkpoint_meta(state)
 
 # the vocabulary: GPT-2 BPE (the default when a dataset has no meta.pkl), characters, or something else

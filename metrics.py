@@ -348,7 +348,7 @@ class RunLog:
     def _header(self, peak_flops, compiled):
         c, gpt, rt = self.c, self.gpt, self.rt
         total = sum(p.numel() for p in gpt.parameters())  # wte is tied to lm_head: counted once
-        embedding = gpt.transformer.wte.weight.numel() + gpt.transformer.wpe.weight.numel()
+        embedding = sum(gpt.transformer[k].weight.numel() for k in ("wte", "wpe") if k in gpt.transformer)
         flops_per_token = gpt.flops_per_token()
         horizon_tokens = self.max_iters * self.tokens_per_iter
         accum = c["gradient_accumulation_steps"] // rt.world_size

@@ -7,7 +7,6 @@ checkpoints convert key by key. References:
 2) Hugging Face transformers' PyTorch implementation of GPT-2 (GPT2LMHeadModel)
 """
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -25,6 +24,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+    # the modern recipe (train.py's recipe='modern' turns them all on); every one off is GPT-2, bit for bit
+    rotary: bool = False  # rotary position embeddings on queries and keys instead of the learned wpe table
+    rmsnorm: bool = False  # parameter-free RMSNorm instead of LayerNorm
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
+    relu2: bool = False  # ReLU(x)^2 in the MLP instead of GELU
+    zero_init: bool = False  # output projections into the residual stream (c_proj) start at zero
+    tie_head: bool = True  # lm_head shares its weight with wte (GPT-2); False: a separate output matrix
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), bounded in (-cap, cap)
+    x0_mix: bool = False  # embedding shortcut: each block first takes x = a_i * x + b_i * x0 (learned a_i, b_i)
 
 
 # GPT-2 checkpoints store these as Conv1D weights, (in, out): transposed relative to nn.Linear's (out, in)
@@ -41,6 +49,30 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """Parameter-free RMSNorm (no gain, no bias)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),))
+
+
+def norm(config):
+    return RMSNorm() if config.rmsnorm else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary(pos, head_size):
+    """cos and sin (T, hs/2) of rotary embeddings at positions pos (RoFormer, base 10000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size))
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by each position's angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 class KVCache:
@@ -70,14 +102,19 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.layer = layer  # index into the KV cache
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # every head's query and key vectors get norm sqrt(hs)
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:  # rotary: q.k then depends only on the positions' difference
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             # a cache is filled by one prompt (T > 1, causal) then one token at a time (T == 1 sees everything)
             assert T == 1 or kv_cache.length == 0, "feed the prompt once, then one token per step"
@@ -93,11 +130,14 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's tanh approximation, for exact checkpoint parity
+        self.relu2 = config.relu2
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -105,13 +145,17 @@ class Block(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
+        if config.x0_mix:  # (a_i, b_i) of x = a_i * x + b_i * x0; starts as the plain residual stream
+            self.x0_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, x0=None, kv_cache=None, rope=None):
+        if x0 is not None:
+            x = self.x0_mix[0] * x + self.x0_mix[1] * x0
+        x = x + self.attn(self.ln_1(x), kv_cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -123,19 +167,22 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **({} if config.rotary else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),  # positions
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output projection is the token embedding (https://paperswithcode.com/method/weight-tying)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_head:  # weight tying: the output projection is the token embedding
+            # (https://paperswithcode.com/method/weight-tying)
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init:  # each block starts as the identity
+                    torch.nn.init.zeros_(p)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -146,10 +193,14 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; position embeddings are left out by default (token embeddings are tied to lm_head)."""
+        """
+        Parameter count. non_embedding leaves out the lookup tables (wpe, and wte when the head is untied; a tied
+        wte is the head's matmul and stays): what remains are the weights every token multiplies by (+ gains).
+        """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            n_params -= self.transformer.wpe.weight.numel() if "wpe" in self.transformer else 0
+            n_params -= self.transformer.wte.weight.numel() if not self.config.tie_head else 0
         return n_params
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -157,25 +208,35 @@ class GPT(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = rotary(pos, self.config.n_embd // self.config.n_head) if self.config.rotary else None
+        if rope is None:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
+        x0 = x if self.config.x0_mix else None  # the first block's input, mixed into every block's
         for block in self.transformer.h:
-            x = block(x, kv_cache)
+            x = block(x, x0, kv_cache, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab_size)
+            logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # inference needs only the last position: (B, 1, vocab_size)
+            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # inference needs only the last position: (B, 1, V)
             loss = None
         return logits, loss
+
+    def softcap(self, logits):
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def crop_block_size(self, block_size):
         """Shrink the context length (e.g. load GPT-2 at 1024, train at 256) by cutting the position table."""
         assert block_size <= self.config.block_size, f"can only crop: {block_size} > {self.config.block_size}"
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # rotary has no table to cut
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path, override_args=None):
@@ -207,14 +268,10 @@ class GPT(nn.Module):
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on matrices (Linear weights, embeddings) only; biases and LayerNorm gains are not decayed
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW is one kernel per step, and it skips the update on device when `found_inf` is set (no host sync)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        """AdamW with weight decay on matrices only (optim.py also has Muon and the lr schedules)."""
+        import optim
+
+        return optim.create(self, "adamw", learning_rate, weight_decay, betas, device_type)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter, plus attention (PaLM paper, appendix B)."""

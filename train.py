@@ -19,6 +19,7 @@ import torch
 import checkpoint
 import freeze
 import hellaswag
+import optim
 import parallel
 import scaling
 from batches import Batches, dataset_dir
@@ -92,9 +93,32 @@ depth_aspect = 64  # the dial's width per layer
 freeze_layers = 0  # finetuning: freeze the embeddings and the bottom freeze_layers blocks (0: train everything)
 freeze_train_head = True  # with freeze_layers: still train ln_f and the head (tied to wte: the token embedding)
 unfreeze_every = 0  # progressive unfreezing: one more block trains every this many steps (0: never)
+# the recipe (model.GPTConfig, optim.py): 'gpt2' is GPT-2 with AdamW and cosine; 'modern' turns on everything below
+# (optim.RECIPES); a setting given in a config file or on the command line wins over the recipe's
+recipe = "gpt2"  # 'gpt2' or 'modern'
+rotary = False  # rotary position embeddings instead of the learned position table
+rmsnorm = False  # parameter-free RMSNorm instead of LayerNorm
+qk_norm = False  # RMS-normalize queries and keys per head
+relu2 = False  # ReLU^2 MLP instead of GELU
+zero_init = False  # output projections into the residual stream start at zero
+tie_head = True  # lm_head shares wte's weight (False: an untied output matrix)
+logit_softcap = 0.0  # > 0: logits squashed into (-cap, cap) by cap * tanh(logits / cap)
+x0_mix = False  # embedding shortcut: every block mixes in the embeddings, x = a_i * x + b_i * x0 (learned)
+optimizer = "adamw"  # 'adamw', or 'muon': Muon (muon_lr) for the blocks' Linears, AdamW (learning_rate) for the rest
+muon_lr = 0.02  # Muon's peak lr (scheduled like learning_rate)
+muon_momentum = 0.95
+lr_schedule = "cosine"  # 'cosine' (warmup, cosine to min_lr) or 'wsd' (warmup, stable, linear cooldown)
+cooldown_frac = 0.4  # wsd: the final fraction of lr_decay_iters spent cooling down
+final_lr_frac = 0.0  # wsd: the lr at the end of the cooldown, as a fraction of the peak
+max_seconds = 0.0  # > 0: stop and save once the loop has run this long (wall time, evals included; per process)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
+if recipe not in optim.RECIPES:
+    raise UserError(f"recipe={recipe!r} is not one of {', '.join(map(repr, optim.RECIPES))}")
+for k, v in optim.RECIPES[recipe].items():  # what the config file and the command line did not set
+    if k not in explicit:
+        globals()[k] = config[k] = v
 dial = scaling.apply_depth_dial({}, explicit, depth, depth_aspect)  # depth=N: n_layer, n_embd, n_head
 globals().update(dial)
 config.update(dial)
@@ -104,6 +128,10 @@ rt = setup(device, dtype, distributed=True)
 rank, local_rank, world_size, device, device_type, dtype, ctx = (rt.rank, rt.local_rank, rt.world_size, rt.device,
                                                                  rt.device_type, rt.dtype, rt.autocast)
 master = rank == 0  # the process that logs and writes checkpoints
+if max_seconds > 0 and world_size > 1:
+    raise UserError("max_seconds works in one process only (ranks' clocks would disagree on when to stop)")
+if unfreeze_every and optimizer == "muon":
+    raise UserError("unfreeze_every works with optimizer='adamw' only (Muon's groups are fixed when it is built)")
 if decay_lr and not warmup_iters < lr_decay_iters:
     raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
 if master and not eval_only:
@@ -128,7 +156,8 @@ torch.manual_seed(seed)  # the same initial weights on every rank and every run
 if init_from == "scratch":
     vocab_size = batches.vocab_size or 50304  # GPT-2's 50257 padded to a multiple of 64
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                          vocab_size=vocab_size, dropout=dropout))
+                          vocab_size=vocab_size, dropout=dropout,
+                          **{k: config[k] for k in checkpoint.RECIPE_KEYS}))
 elif init_from == "resume":
     model = checkpoint.model_from_checkpoint(state, dropout if "dropout" in explicit else None)
     iter_num = state["iter_num"]
@@ -150,7 +179,8 @@ freeze.freeze(gpt, *frz, 0, world_size)  # requires_grad, before DDP/FSDP wrap i
 fsdp = parallelism == "fsdp" and world_size > 1  # FSDP2 shards gpt's weights in place
 model = parallel.wrap(gpt, rt, parallelism, compile and can_compile(device_type), activation_checkpointing)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-optimizer = gpt.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
+                         muon_momentum, parallelism)  # the setting's name now holds the optimizer
 if state is not None:
     freeze.catch_up(gpt, optimizer, *frz, iter_num, weight_decay, learning_rate)  # groups unfrozen before
     parallel.load_optimizer(gpt, optimizer, state["optimizer"], fsdp)
@@ -171,14 +201,9 @@ run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak
 
 
 def get_lr(it):
-    """Linear warmup (non-zero at it=0), then cosine decay from learning_rate to min_lr at lr_decay_iters."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it > lr_decay_iters:
-        return min_lr
-    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
-    return min_lr + coeff * (learning_rate - min_lr)
+    """The schedule's lr for learning_rate at step it (optim.get_lr); other groups get it times their lr_scale."""
+    return optim.get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, cooldown_frac,
+                        final_lr_frac)
 
 
 def save_checkpoint(is_best, val_loss=None):
@@ -215,8 +240,10 @@ stop = StopSignal(world_size, interrupted=lambda: f"interrupted by a second Ctrl
 start_iter, healthy = iter_num, True
 bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
 running_mfu, t0 = -1.0, time.time()
+loop_start = t0  # for max_seconds
 while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+    out_of_time = max_seconds > 0 and time.time() - loop_start >= max_seconds  # then evaluate, save and stop
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only or out_of_time:
         losses = estimate_loss(model, batches, eval_iters, ctx, world_size, run_log.token_bytes)
         if eval_only:
             run_log.eval(iter_num, losses, min(best_val_loss, losses["val"]))
@@ -233,6 +260,8 @@ while True:
     if hellaswag_interval and iter_num % hellaswag_interval == 0 and iter_num > start_iter:
         run_log.hellaswag(iter_num, hellaswag.evaluate(gpt, *hellaswag_set, device, ctx, rank, world_size))
         t0 = time.time()
+    if out_of_time and stop.received is None:
+        stop.received = f"max_seconds={max_seconds:g}"
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
     if iter_num >= max_iters or stopping:
         if healthy and saved_iter != iter_num and iter_num > start_iter:
@@ -244,8 +273,7 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     if (unfrozen := freeze.unfreeze(gpt, optimizer, *frz, iter_num, weight_decay, lr)) and master:
         print(f"iter {iter_num}: {freeze.describe(gpt, unfrozen)}")
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
+    optim.set_lr(optimizer, lr)
     seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index
     loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank)
     run_log.count_step(grad_norm)  # clipping, counted on the device

@@ -44,14 +44,17 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
             X, Y = batches.get("train", iter_num, first + micro_step + 1)  # prepared while the device computes
         scaler.scale(loss).backward()
         mean_loss = mean_loss + loss.detach()
-    scaler.unscale_(optimizer)  # clip the true gradients (no-op unless float16)
+    for opt in getattr(optimizer, "optimizers", (optimizer,)):  # optim.MuonAdamW holds two
+        scaler.unscale_(opt)  # clip the true gradients (no-op unless float16)
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     grad_norm = parallel.full_tensor(grad_norm)  # under FSDP a (replicated) DTensor: as a plain tensor
     skipped = ~torch.isfinite(grad_norm)  # a NaN or inf loss makes the gradients non-finite too
-    if scaler.is_enabled():
+    if hasattr(optimizer, "optimizers"):  # optim.MuonAdamW: both step, or neither (one host sync, for Muon)
+        optimizer.step(skipped, scaler)
+    elif scaler.is_enabled():
         scaler.step(optimizer)  # the float16 grad scaler skips non-finite steps itself
         scaler.update()
     elif optimizer.defaults.get("fused"):
