@@ -169,7 +169,6 @@ else:  # OpenAI GPT-2 weights, by name or from a local folder
     model.crop_block_size(block_size)
 batches.check_vocab(model.config.vocab_size)
 batches.check_tokenizer(init_from, state)  # resuming or finetuning needs data in the model's tokenizer
-hellaswag_set = hellaswag.for_training(batches.meta, hellaswag_file, hellaswag_limit) if hellaswag_interval else None
 model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
 model.to(device)
 
@@ -190,6 +189,7 @@ wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run con
 state = None  # free the checkpoint's memory
 if fsdp and (sample_interval or hellaswag_interval):  # rank 0 alone, or ranks unevenly: not with sharded weights
     sample_interval = hellaswag_interval = config["sample_interval"] = config["hellaswag_interval"] = 0
+hellaswag_set = hellaswag.for_training(batches.meta, hellaswag_file, hellaswag_limit) if hellaswag_interval else None
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
 horizon = scaling.horizon_settings(config, explicit, gpt, tokens_per_iter)  # target_flops / tokens_per_param
