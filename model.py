@@ -93,6 +93,17 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def attention(q, k, v, dropout_p, is_causal):
+    """Scaled dot-product attention: flash attention where the device has it. Under bfloat16 autocast on a CPU it
+    runs in float32: there bfloat16 flash attention (its backward) is ~12x slower than float32's at a small model's
+    shapes (torch 2.13: 9.6 vs 0.7 ms per layer at B=12, T=64, 4 heads of 32)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+                                                  is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -119,8 +130,8 @@ class CausalSelfAttention(nn.Module):
             # a cache is filled by one prompt (T > 1, causal) then one token at a time (T == 1 sees everything)
             assert T == 1 or kv_cache.length == 0, "feed the prompt once, then one token per step"
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_total, hs)
-        # flash attention where the device has it; causal mask only when queries start at position 0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1)
+        # causal mask only when queries start at position 0
+        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal=T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 

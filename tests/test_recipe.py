@@ -124,6 +124,26 @@ def test_muon_steps_only_the_blocks_linear_weights():
         assert torch.equal(p, before[n]) != (n in in_muon), n
 
 
+def test_batched_muon_is_torch_muon_bit_for_bit():
+    """Matrices of three shapes, two of each, nesterov on and off: the same weights and momentum after 3 steps."""
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 32), (32, 128)] * 2
+    for nesterov in (True, False):
+        ours = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+        theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov)
+        opts = optim.BatchedMuon(ours, **kw), torch.optim.Muon(theirs, **kw)
+        for _ in range(3):
+            for p, q in zip(ours, theirs):
+                p.grad = torch.randn_like(p)
+                q.grad = p.grad.clone()
+            for opt in opts:
+                opt.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p, q) and not torch.equal(p, torch.zeros_like(p))
+            assert torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"])
+
+
 def test_group_assertion_fires_on_a_parameter_left_out(monkeypatch):
     m = build(**MODERN)
     monkeypatch.setattr(optim, "hidden_matrices", lambda model: [model.transformer.h[0].attn.c_attn.weight])
