@@ -166,6 +166,7 @@ class Batches:
         self.dtype = np.dtype(self.meta["dtype"])
         self.data_dir, self.block_size, self.batch_size = data_dir, block_size, batch_size
         self.device, self.seed = device, seed
+        self.prefetched = None  # ((split, step, micro_step), batch) made ahead by prefetch()
         self.paths = {split: os.path.join(data_dir, f"{split}.bin") for split in SPLITS}
         self.prepare = prepare = os.path.join(data_dir, "prepare.py")
         for split, path in self.paths.items():
@@ -225,9 +226,16 @@ class Batches:
         # re-opened for every batch: a long-lived np.memmap keeps growing the process's resident memory
         return np.memmap(self.paths[split], dtype=self.dtype, mode="r")
 
+    def prefetch(self, split, step, micro_step=0):
+        """Prepare a training batch now, while the device still computes; the get() that asks for it returns it."""
+        self.prefetched = ((split, step, micro_step), self.get(split, step, micro_step))
+
     def get(self, split, step, micro_step=0, stream=TRAIN_STEP):
         """Batch `micro_step` (counted over all ranks) of training iteration `step` (or batch `step` of an
         evaluation, stream=EVAL: the same on every rank)."""
+        prefetched, self.prefetched = self.prefetched, None
+        if prefetched and stream == TRAIN_STEP and prefetched[0] == (split, step, micro_step):
+            return prefetched[1]
         data = self._open(split)
         # 0: the rank's slot in older versions, kept so that one process draws the batches it always drew
         rng = np.random.default_rng([self.seed, 0, SPLITS.index(split), stream, step, micro_step])

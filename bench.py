@@ -62,6 +62,9 @@ class SyntheticBatches:
         self.weights = 1.0 / torch.arange(1, vocab_size + 1, device=device)  # token k has frequency ~ 1/k
         self.generator = torch.Generator(device=device)
 
+    def prefetch(self, split, step, micro_step=0):
+        pass  # made on the device: nothing to prepare ahead
+
     def get(self, split, step, micro_step=0, stream=TRAIN_STEP):
         key = [self.seed, SPLITS.index(split), stream, step, micro_step]
         self.generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))

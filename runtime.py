@@ -58,12 +58,26 @@ def pick_device(requested="auto"):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def cpu_has_native_bfloat16():
+    """Whether this CPU computes bfloat16 in hardware (x86 AVX-512 BF16 or AMX, Arm BF16), from Linux's cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return False  # not Linux: macOS has MPS, which 'auto' picks first
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def pick_dtype(requested, device_type):
-    """'auto': bfloat16 on CUDA GPUs that have it, else float16 (with a grad scaler); float32 on cpu and mps."""
+    """
+    'auto': bfloat16 on CUDA GPUs that have it, else float16 (with a grad scaler); bfloat16 on CPUs with native
+    bfloat16 (measured on the CPU preset: 2000 iterations ~1.5x faster than float32 at the same val loss, README),
+    float32 on other CPUs and on mps.
+    """
     if requested == "auto":
         if device_type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "float32"
+        return "bfloat16" if device_type == "cpu" and cpu_has_native_bfloat16() else "float32"
     if requested not in DTYPES:
         raise UserError(f"unknown dtype '{requested}': use auto, float32, bfloat16 or float16")
     if requested == "float16" and device_type == "cpu":  # measured: ~19x slower than float32 on a 2-core x86 CPU

@@ -42,6 +42,8 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
             loss = loss / accum_steps  # the gradient of the mean over all micro-batches
         if micro_step + 1 < accum_steps:
             X, Y = batches.get("train", iter_num, first + micro_step + 1)  # prepared while the device computes
+        else:
+            batches.prefetch("train", iter_num + 1, first)  # the next step's first batch, ready before this one ends
         scaler.scale(loss).backward()
         mean_loss = mean_loss + loss.detach()
     for opt in getattr(optimizer, "optimizers", (optimizer,)):  # optim.MuonAdamW holds two

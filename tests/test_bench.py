@@ -6,8 +6,11 @@ import math
 import re
 
 from conftest import run
+from runtime import pick_dtype
 
-TINY_BENCH = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+AUTO = pick_dtype("auto", "cpu")  # bfloat16 on CPUs with native bfloat16, else float32
+
+TINY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
               "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2", "--dataset=",
               "--gradient_accumulation_steps=1"]
 SUMMARY = re.compile(r"bench: ([\d.]+) ms/iter, ([\d,]+) tokens/s, mfu ([\d.]+)%, peak memory ([\d.]+) MiB \((.+)\)")
@@ -48,7 +51,7 @@ def test_a_train_config_is_timed_as_it_trains(char_data):
     proc = run("bench.py", "config/train_shakespeare_char_cpu.py", f"--dataset={char_data}", "--warmup_steps=1",
                "--num_steps=3")
     out = proc.stdout
-    assert "0.79M parameters | cpu float32 | compile off | 768 tokens per iteration" in out, out  # 12 x 64 x 1
+    assert f"0.79M parameters | cpu {AUTO} | compile off | 768 tokens per iteration" in out, out  # 12 x 64 x 1
     assert f"{char_data} (vocab 65)" in out
     ms, tok_s, mfu, mib, _, _ = parse(out)
     check_rates(ms, tok_s, 12 * 64)
@@ -60,8 +63,20 @@ def test_no_config_on_a_cpu_times_the_cpu_preset(tmp_path):
     out = proc.stdout
     assert "no config given and no GPU: timing config/train_shakespeare_char_cpu.py" in out
     assert "no_such_data is not prepared: timing synthetic tokens (vocab 65)" in out
-    assert "0.79M parameters | cpu float32 | compile off | 768 tokens per iteration" in out, out
+    assert f"0.79M parameters | cpu {AUTO} | compile off | 768 tokens per iteration" in out, out
     parse(out)
+
+
+def test_cpu_bfloat16_trains(char_data):
+    """bfloat16 autocast on the CPU (attention in float32 there, model.attention): the loss falls as in float32."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = run("bench.py", *TINY_BENCH, f"--dataset={char_data}", f"--dtype={dtype}", "--num_steps=20").stdout
+        assert f"cpu {dtype} | compile off" in out, out
+        losses[dtype] = parse(out)[4:]
+    (first32, final32), (first16, final16) = losses["float32"], losses["bfloat16"]
+    assert abs(first16 - first32) < 0.02 and final16 < first16 - 0.5, losses
+    assert abs(final16 - final32) < 0.05, losses  # the same training, up to bfloat16 rounding
 
 
 def test_real_data(char_data):

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from batches import load_meta
+from batches import Batches, load_meta
 from conftest import REPO, TINY, run
 
 SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
@@ -369,3 +370,16 @@ def test_reproduction_configs():
     proc = run("train.py", "config/train_gpt2.py", "config/train_gpt2_fineweb.py", "config/train_tinystories.py",
                "--help")  # each is a valid config for train.py
     assert "--dataset='tinystories'" in proc.stdout
+
+
+def test_a_prefetched_batch_is_the_batch_asked_for(char_data):
+    batches = Batches(char_data, 32, 4, "cpu")
+    fresh = batches.get("train", 7, 1)
+    batches.prefetch("train", 7, 1)
+    made = batches.prefetched[1]
+    got = batches.get("train", 7, 1)
+    assert got is made and all(torch.equal(a, b) for a, b in zip(got, fresh))
+    batches.prefetch("train", 8, 0)
+    other = batches.get("train", 9, 0)  # not the one prefetched: drawn as usual, and the prefetched one dropped
+    assert all(torch.equal(a, b) for a, b in zip(other, Batches(char_data, 32, 4, "cpu").get("train", 9, 0)))
+    assert batches.prefetched is None

@@ -147,3 +147,17 @@ def test_generate_under_bfloat16_autocast_matches_full_recompute():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(prompt, 8, temperature=0)
         assert torch.equal(out, greedy_without_cache(model, prompt, 8))
+
+
+def test_cpu_bfloat16_autocast_runs_attention_in_float32():
+    """model.attention under CPU bfloat16 autocast: float32 attention, the same as without autocast."""
+    from torch.nn import functional as F
+
+    from model import attention
+
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, 0.0, is_causal=True)
+        assert F.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16  # what autocast alone would do
+    assert y.dtype == torch.float32
+    assert torch.equal(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True))
