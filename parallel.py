@@ -142,10 +142,15 @@ def load_training_state(gpt, optimizer, state, fsdp):
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     import checkpoint
+    from runtime import UserError
 
     model_sd, optim_sd = sharded_state(gpt, optimizer)  # the shapes and shards to fill (and initialized moments)
     tensors = {"model": model_sd, "optimizer": optim_sd}
-    checkpoint._quiet(dcp.load, tensors, checkpoint_id=state["dcp"])
+    try:
+        checkpoint._quiet(dcp.load, tensors, checkpoint_id=state["dcp"])
+    except Exception as e:  # a shard missing or cut short (DCP's own error names the rank and file)
+        raise UserError(f"{state['dcp']} is corrupt or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                        ) from None
     set_state_dict(gpt, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
 
 
