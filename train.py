@@ -39,7 +39,7 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val loss improves
 keep_last_n = 0  # also keep the last n checkpoints as ckpt_NNNNNNN.pt (0: none)
 checkpoint_format = "full"  # 'full': one ckpt.pt file; 'sharded': ckpt.dcp/, every rank writes its shard (big FSDP)
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt or ckpt.dcp), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt or .dcp), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
 overwrite = False  # let a run that does not resume replace the checkpoints already in out_dir
 # wandb logging
 wandb_log = False
@@ -211,7 +211,8 @@ def get_lr(it):
 def save_checkpoint(is_best, val_loss=None):
     global saved_iter
     sharded = checkpoint_format == "sharded"  # then every rank writes its shard, else rank 0 the gathered state
-    model_sd, optim_sd = parallel.sharded_state(gpt, optimizer) if sharded else parallel.full_state(gpt, optimizer, fsdp)
+    model_sd, optim_sd = (parallel.sharded_state(gpt, optimizer) if sharded else  # under FSDP every rank gathers
+                          parallel.full_state(gpt, optimizer, fsdp))
     if master or sharded:
         t0 = time.time()
         try:

@@ -275,7 +275,8 @@ def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_
     assert_same_run(out, fsdp_run[1])
     assert sorted(os.listdir(out_dir)) == [".lock", "best.dcp", "ckpt.dcp", "ckpt_0000004.dcp", "ckpt_0000008.dcp",
                                            "loss.png", "metrics.jsonl"]
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "extra.pt"} <= set(os.listdir(os.path.join(out_dir, "ckpt.dcp")))
+    shards = set(os.listdir(os.path.join(out_dir, "ckpt.dcp")))
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "extra.pt"} <= shards
     dst = str(tmp_path / "ckpt.pt")
     proc = convert(os.path.join(out_dir, "ckpt.dcp"), dst)
     assert proc.returncode == 0 and f"wrote {dst} (iter 8)" in proc.stdout, proc.stdout + proc.stderr
