@@ -11,6 +11,13 @@ atomic step, so a process killed at any moment leaves the previous checkpoint wh
 (full disk, a second Ctrl-C) removes its temporary file. Each name is its own file (no hard links), so
 editing one can never change another. best.pt is written before ckpt.pt: a kill between the two leaves a
 best.pt at least as good as ckpt.pt records, and resume (reconcile_best) takes the best of both.
+
+checkpoint_format='sharded' keeps the same things as folders that torch.distributed.checkpoint (DCP) writes, every
+rank its own shard and nothing gathered: out_dir/ckpt.dcp, best.dcp (weights only), ckpt_NNNNNNN.dcp; each holds
+extra.pt, everything but the tensors (iter_num, config, ...). A folder is written whole as NAME.dcp.tmp and then
+swapped in (_swap_in), so NAME.dcp, or NAME.dcp.old during the swap, is always complete. Any world size resumes
+from it (DCP reshards); `python checkpoint.py convert out/ckpt.dcp out/ckpt.pt` turns it into the single file,
+and load() / find() read a folder as that file, in memory. All ranks must see out_dir (a shared filesystem).
 """
 
 import errno
@@ -19,6 +26,8 @@ import os
 import re
 import shutil
 import socket
+import sys
+import warnings
 
 import torch
 
@@ -26,6 +35,8 @@ from model import GPT, GPTConfig
 from runtime import UserError
 
 LATEST, BEST = "ckpt.pt", "best.pt"
+LATEST_DCP, BEST_DCP, EXTRA = "ckpt.dcp", "best.dcp", "extra.pt"  # checkpoint_format='sharded': DCP folders
+FORMATS = {"full": LATEST, "sharded": LATEST_DCP}  # where each checkpoint_format keeps the latest state
 GPT2_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what a GPT-2 is made of
 # the modern recipe's options (model.GPTConfig); a checkpoint without them (older) gets GPTConfig's defaults: GPT-2
 RECIPE_KEYS = ("rotary", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_head", "logit_softcap", "x0_mix")
@@ -60,11 +71,11 @@ def lock(out_dir):
 
 def guard(out_dir, init_from, overwrite):
     """A run that does not resume must not replace a trained model in out_dir unless told to (--overwrite=True)."""
-    path = os.path.join(out_dir, LATEST)
-    if init_from == "resume" or overwrite or not os.path.exists(path):
+    path = latest(out_dir)
+    if init_from == "resume" or overwrite or path is None:
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _peek(path)
         what = f"a model trained for {state['iter_num']} iterations (best val loss {float(state['best_val_loss']):.4f})"
     except Exception:
         what = "a checkpoint"
@@ -150,20 +161,39 @@ def _write_atomic(path, obj):
         raise
 
 
-def _snapshots(out_dir):
-    return sorted(p for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}\.pt", p))
+def _snapshots(out_dir, ext=".pt"):
+    return sorted(p for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}" + re.escape(ext), p))
 
 
-def save(state, out_dir, is_best=False, keep_last_n=0, replace=False):
+def _remove(path):
+    """A checkpoint file or DCP folder (with a folder's previous version, left by a kill mid-swap)."""
+    for p in (path, path + ".old") if path.endswith(".dcp") else (path,):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def _remove_old_run(out_dir, keep):
+    """The first save of a run that started over (--overwrite=True): the old run's best model, snapshots and latest
+    state in either format go, but for the names in keep, which this save replaces (each atomically)."""
+    for name in [BEST, BEST_DCP, LATEST, LATEST_DCP] + _snapshots(out_dir) + _snapshots(out_dir, ".dcp"):
+        if name not in keep:
+            _remove(os.path.join(out_dir, name))
+
+
+def save(state, out_dir, is_best=False, keep_last_n=0, replace=False, sharded=False):
     """
     Write state as out_dir/ckpt.pt (and best.pt, and a snapshot), never leaving a half-written file.
     replace: the first save of a run that started over (--overwrite=True): the old run's best.pt and snapshots go.
+    sharded: checkpoint_format='sharded', every rank calls this with its shards (save_sharded).
     """
+    if sharded:
+        return save_sharded(state, out_dir, is_best, keep_last_n, replace)
     for stale in glob.glob(os.path.join(out_dir, "*.pt.*.tmp")):  # leftovers of a process killed mid-save
         os.remove(stale)  # (no other run writes here: it would hold out_dir/.lock)
     if replace:
-        for old in [BEST] * (not is_best and os.path.exists(os.path.join(out_dir, BEST))) + _snapshots(out_dir):
-            os.remove(os.path.join(out_dir, old))
+        _remove_old_run(out_dir, keep={LATEST} | ({BEST} if is_best else set()))
     if is_best:  # first, so that ckpt.pt never records a best val loss that best.pt does not hold
         _write_atomic(os.path.join(out_dir, BEST), {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
     _write_atomic(os.path.join(out_dir, LATEST), state)
@@ -174,6 +204,76 @@ def save(state, out_dir, is_best=False, keep_last_n=0, replace=False):
     _fsync_dir(out_dir)
 
 
+def _distributed():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _quiet(fn, *args, **kwargs):
+    """fn (a DCP save or load) without its warning that one process without torch.distributed is one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(*args, **kwargs, no_dist=not _distributed())
+
+
+def _swap_in(tmp, path):
+    """
+    Make the complete folder tmp the folder path. At every moment path, or else path.old, is a complete checkpoint:
+    path becomes path.old, tmp becomes path, then path.old goes. A path.old next to a path is stale (removed here).
+    """
+    old = path + ".old"
+    if os.path.exists(path):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def _write_dcp(path, tensors, extra, master):
+    """DCP writes each rank's part of tensors, rank 0 writes extra (EXTRA), into path.tmp; rank 0 swaps it in."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path + ".tmp"
+    _quiet(dcp.save, tensors, checkpoint_id=tmp)  # fsyncs its files; returns on rank 0 once every rank's are written
+    if master:
+        _write_atomic(os.path.join(tmp, EXTRA), extra)
+        _fsync_dir(tmp)
+        _swap_in(tmp, path)
+
+
+def save_sharded(state, out_dir, is_best=False, keep_last_n=0, replace=False):
+    """
+    save() for checkpoint_format='sharded': every rank calls this with its shards (parallel.sharded_state) and writes
+    its part of state['model'] and state['optimizer'] into ckpt.dcp (best.dcp, a snapshot) with DCP.
+    """
+    import torch.distributed as dist
+
+    master = not _distributed() or dist.get_rank() == 0
+    if master:
+        for stale in glob.glob(os.path.join(out_dir, "*.dcp.tmp")):  # leftovers of a run killed mid-save
+            shutil.rmtree(stale)
+        if replace:
+            _remove_old_run(out_dir, keep={LATEST_DCP} | ({BEST_DCP} if is_best else set()))
+    if _distributed():
+        dist.barrier()  # no rank writes before that
+    tensors = {k: state[k] for k in ("model", "optimizer")}
+    extra = {k: v for k, v in state.items() if k not in tensors}
+    if is_best:  # first, as in save()
+        _write_dcp(os.path.join(out_dir, BEST_DCP), {"model": state["model"]},
+                   {k: v for k, v in extra.items() if k != "scaler"}, master)
+    _write_dcp(os.path.join(out_dir, LATEST_DCP), tensors, extra, master)
+    if keep_last_n > 0:
+        _write_dcp(os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.dcp"), tensors, extra, master)
+        for old in _snapshots(out_dir, ".dcp")[:-keep_last_n] if master else []:
+            _remove(os.path.join(out_dir, old))
+    if master:
+        _fsync_dir(out_dir)
+
+
 def reconcile_best(out_dir, state):
     """
     On resume: the best val loss of ckpt.pt and best.pt together, repairing best.pt when a kill (of an older
@@ -181,27 +281,84 @@ def reconcile_best(out_dir, state):
     """
     best_val_loss, path = state["best_val_loss"], os.path.join(out_dir, BEST)
     best = None
-    if os.path.exists(path):
+    found = _pick(out_dir, [BEST, BEST_DCP])
+    if found:
         try:
-            best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            best = _peek(found)
         except Exception:
             best = None  # unreadable: rewritten below if ckpt.pt holds the best weights, else at the next best eval
     best_file_loss = best.get("val_loss", best.get("best_val_loss")) if best else None
     if best_file_loss is not None and best_file_loss <= best_val_loss:
         return best_file_loss
-    if state.get("val_loss") is not None and state["val_loss"] <= best_val_loss:
+    # (a sharded checkpoint's weights are not in memory here; its format never wrote ckpt before best)
+    if state.get("val_loss") is not None and state["val_loss"] <= best_val_loss and "model" in state:
         _write_atomic(path, {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
         _fsync_dir(out_dir)
         print(f"repaired {path}: it was older than the best model ckpt.pt recorded (val loss {best_val_loss:.4f})")
     return best_val_loss
 
 
+def _complete(path):
+    """path if it exists; for a DCP folder killed mid-swap (_swap_in), its previous version path.old; else None."""
+    if os.path.exists(path):
+        return path
+    return path + ".old" if path.endswith(".dcp") and os.path.isdir(path + ".old") else None
+
+
+def _peek(path):
+    """A checkpoint's iter_num, val losses, config, ...: cheap (the tensors of a .pt file are mapped, not read)."""
+    if os.path.isdir(path):
+        return torch.load(os.path.join(path, EXTRA), map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _pick(out_dir, names):
+    """Of the checkpoints names (one per format) that out_dir holds, the newer one (the higher iter_num; a tie: the
+    first in names), so that switching checkpoint_format never resumes from the older state; None if none."""
+    paths = [p for p in (_complete(os.path.join(out_dir, name)) for name in names) if p]
+    if len(paths) < 2:
+        return paths[0] if paths else None
+
+    def iters(path):
+        try:
+            return _peek(path)["iter_num"]
+        except Exception:
+            return -1  # unreadable: the other one
+    return max(paths, key=iters)
+
+
+def latest(out_dir, prefer="full"):
+    """The latest checkpoint in out_dir: ckpt.pt or ckpt.dcp (both: the newer; a tie: prefer's format), or None."""
+    return _pick(out_dir, sorted(FORMATS.values(), key=lambda name: name != FORMATS[prefer]))
+
+
+def read_dcp(path):
+    """
+    A DCP folder as the single-file format, in this process's memory, without torch.distributed: the weights and
+    optimizer state in full, the optimizer numbered as torch.optim numbers it (parallel.numbered).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from parallel import numbered
+
+    tensors = {}  # filled with everything the folder holds (what DCP's own dcp_to_torch_save does)
+    _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    state = _peek(path)
+    state["model"] = tensors["model"]
+    if "optimizer" in tensors:
+        state["optimizer"] = numbered(tensors["optimizer"])
+    return state
+
+
 def load(path):
-    """Read a checkpoint onto the CPU, or say clearly why it cannot be read."""
+    """Read a checkpoint (a file, or a DCP folder: read_dcp) onto the CPU, or say clearly why it cannot be read."""
+    path = _complete(path) or path
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train first, or check --out_dir")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_dcp(path) if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "model_args", "iter_num"} - set(state)
     except Exception as e:
         others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt")))
@@ -234,8 +391,23 @@ def model_from_checkpoint(state, dropout=None):
     if dropout is not None:
         args["dropout"] = dropout  # not part of the architecture: a resumed or sampled run may change it
     model = GPT(GPTConfig(**args))
-    model.load_state_dict(state["model"])
+    if "model" in state:  # (load_latest of a DCP folder: parallel.load_training_state reads it once sharded)
+        model.load_state_dict(state["model"])
     return model
+
+
+def load_latest(out_dir, checkpoint_format):
+    """
+    init_from='resume': (path, state) of the latest checkpoint (latest()). A DCP folder's state is its extra.pt plus
+    'dcp': its path; every rank then reads only its shards of it into the wrapped model (parallel.load_training_state).
+    """
+    path = latest(out_dir, checkpoint_format) or os.path.join(out_dir, FORMATS[checkpoint_format])
+    if not os.path.isdir(path):
+        return path, load(path)
+    try:
+        return path, {**_peek(path), "dcp": path}
+    except Exception as e:
+        raise UserError(f"{path} is corrupt or incomplete ({type(e).__name__}): its {EXTRA} cannot be read") from None
 
 
 def check_model_args(state, path, config, explicit):
@@ -270,10 +442,12 @@ def load_pretrained(name_or_path, dropout=0.0, also_valid="resume"):
 
 
 def find(out_dir, ckpt="best"):
-    """The checkpoint file that ckpt names: 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir."""
-    names = {"best": [BEST, LATEST], "latest": [LATEST]}.get(ckpt, [ckpt])
-    paths = [os.path.join(out_dir, name) for name in names]
-    return next((p for p in paths if os.path.exists(p)), paths[-1])
+    """The checkpoint that ckpt names: 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir; a
+    .dcp folder where there is no .pt file (or a newer one)."""
+    if ckpt not in ("best", "latest"):
+        return _complete(os.path.join(out_dir, ckpt)) or os.path.join(out_dir, ckpt)
+    found = (ckpt == "best" and _pick(out_dir, [BEST, BEST_DCP])) or latest(out_dir)
+    return found or os.path.join(out_dir, LATEST)
 
 
 def load_for_inference(init_from, out_dir="out", ckpt="best"):
@@ -292,3 +466,31 @@ def load_for_inference(init_from, out_dir="out", ckpt="best"):
         model = load_pretrained(init_from)
         meta = {}
     return model.eval(), meta
+
+
+def check_format(checkpoint_format, optimizer):
+    if checkpoint_format not in FORMATS:
+        raise UserError(f"checkpoint_format={checkpoint_format!r} is not one of {', '.join(map(repr, FORMATS))}")
+    if checkpoint_format == "sharded" and optimizer == "muon":
+        raise UserError("checkpoint_format='sharded' works with optimizer='adamw' (DCP cannot take Muon's pair of "
+                        "optimizers): use checkpoint_format='full'")
+
+
+def convert(src, dst):
+    """A DCP folder (or any checkpoint) as one file in the format save() writes; dst must not exist yet."""
+    if os.path.exists(dst):
+        raise UserError(f"{dst} already exists: remove it first, or pick another name")
+    state = load(src)
+    _write_atomic(dst, state)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    return state
+
+
+if __name__ == "__main__":  # python checkpoint.py convert out/ckpt.dcp out/ckpt.pt
+    from runtime import install_error_hook
+
+    install_error_hook()
+    if len(sys.argv) != 4 or sys.argv[1] != "convert":
+        raise UserError("usage: python checkpoint.py convert OUT_DIR/ckpt.dcp OUT_DIR/ckpt.pt")
+    converted = convert(sys.argv[2], sys.argv[3])
+    print(f"wrote {sys.argv[3]} (iter {converted['iter_num']}) from {sys.argv[2]}")

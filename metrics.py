@@ -509,8 +509,10 @@ class RunLog:
             memory, source = peak_memory(self.rt.device)
             wall = time.time() - self.t_start
             total_wall = self.elapsed_before + wall
-            files = [f for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(self.out_dir, f))]
-            snapshots = sorted(f for f in os.listdir(self.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+            files = [f for f in ("ckpt.pt", "best.pt", "ckpt.dcp", "best.dcp")  # .dcp: checkpoint_format='sharded'
+                     if os.path.exists(os.path.join(self.out_dir, f))]
+            snapshots = sorted(f for f in os.listdir(self.out_dir)
+                               if f.startswith("ckpt_") and f.endswith((".pt", ".dcp")))
             print(f"summary: {step:,} steps ({step - self.start_iter:,} in this run), "
                   f"{human(step * self.tokens_per_iter)} tokens seen, {duration(wall)} wall time"
                   f"{f' ({duration(total_wall)} with earlier runs)' if self.elapsed_before else ''}, "

@@ -6,6 +6,7 @@ accumulation switch, and full (single-file) state dicts that any world size can 
     parallel.set_gradient_sync(model, last_micro_step)                                # in training.train_step
     model_sd, optim_sd = parallel.full_state(gpt, optimizer, fsdp)                      # every rank; rank 0 writes
     parallel.load_optimizer(gpt, optimizer, optim_sd, fsdp)                             # every rank
+    parallel.sharded_state(gpt, optimizer), parallel.load_training_state(...)           # checkpoint_format='sharded'
 
 DDP keeps a full copy of the weights, gradients and AdamW moments on every GPU and all-reduces the gradients.
 FSDP2 (`fully_shard`) keeps 1/N of each on each of N GPUs and gathers a Block's weights just before it runs:
@@ -17,6 +18,10 @@ Checkpoints are one format whatever the parallelism: the plain model's state_dic
 state_dict (parameters numbered 0, 1, ... in param-group order, as torch.optim numbers them), gathered in full
 on the CPU of rank 0. So a run saved by FSDP on N ranks resumes under FSDP on M ranks, under DDP, or in one
 process, and sample.py / export.py read it as any other.
+
+checkpoint_format='sharded' skips the gathering: every rank hands its shards (get_state_dict's default: DTensors,
+the optimizer keyed by parameter name, which DCP needs to reshard) to checkpoint.save_sharded, and on resume reads
+only its shards of them back (load_training_state), at any world size.
 """
 
 import torch
@@ -115,7 +120,38 @@ def full_state(gpt, optimizer, fsdp):
     model_sd, optim_sd = get_state_dict(gpt, optimizer, options=_options(cpu_offload=True))
     if not model_sd:  # ranks other than 0
         return {}, {}
-    return model_sd, numbered(gpt, optimizer, optim_sd)
+    return model_sd, numbered(optim_sd)
+
+
+def sharded_state(gpt, optimizer):
+    """
+    checkpoint_format='sharded': (model, optimizer) state dicts as this rank holds them, keyed by parameter name,
+    nothing gathered (under FSDP DTensors of this rank's shards), for torch.distributed.checkpoint (DCP) to write.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(gpt, optimizer)
+
+
+def load_training_state(gpt, optimizer, state, fsdp):
+    """On resume, after wrapping: the optimizer state of a checkpoint file (every rank read it whole), or, from a DCP
+    folder (checkpoint.load_latest), the weights and optimizer state, each rank reading its shards, any world size."""
+    if "dcp" not in state:
+        return load_optimizer(gpt, optimizer, state["optimizer"], fsdp)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    import checkpoint
+    from runtime import UserError
+
+    model_sd, optim_sd = sharded_state(gpt, optimizer)  # the shapes and shards to fill (and initialized moments)
+    tensors = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        checkpoint._quiet(dcp.load, tensors, checkpoint_id=state["dcp"])
+    except Exception as e:  # a shard missing or cut short (DCP's own error names the rank and file)
+        raise UserError(f"{state['dcp']} is corrupt or incomplete ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                        ) from None
+    set_state_dict(gpt, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
 
 
 def _param_names(gpt, optimizer):
@@ -124,14 +160,14 @@ def _param_names(gpt, optimizer):
     return [names[p] for group in optimizer.param_groups for p in group["params"]]
 
 
-def numbered(gpt, optimizer, optim_sd):
+def numbered(optim_sd):
     """torch.distributed.checkpoint's optimizer state (keyed by parameter name) as torch.optim's (keyed 0, 1, ...
-    in the order of the optimizer's parameters, whatever order the gathered dict lists them in)."""
-    order, start, groups = _param_names(gpt, optimizer), 0, []
-    for group, ours in zip(optim_sd["param_groups"], optimizer.param_groups):
+    in the order of the optimizer's parameters, which its param_groups list, whatever order the state is in)."""
+    order, start, groups = [name for group in optim_sd["param_groups"] for name in group["params"]], 0, []
+    for group in optim_sd["param_groups"]:
         groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(start, start + len(ours["params"])))})
-        start += len(ours["params"])
+                       "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
     state = {i: optim_sd["state"][name] for i, name in enumerate(order) if name in optim_sd["state"]}
     if len(state) != len(optim_sd["state"]):
         raise RuntimeError(f"optimizer state for {sorted(set(optim_sd['state']) - set(order))} has no parameter")

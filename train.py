@@ -38,7 +38,8 @@ eval_iters = 200  # batches per split in each evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val loss improves
 keep_last_n = 0  # also keep the last n checkpoints as ckpt_NNNNNNN.pt (0: none)
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+checkpoint_format = "full"  # 'full': one ckpt.pt file; 'sharded': ckpt.dcp/, every rank writes its shard (big FSDP)
+init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt or .dcp), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
 overwrite = False  # let a run that does not resume replace the checkpoints already in out_dir
 # wandb logging
 wandb_log = False
@@ -132,6 +133,7 @@ if max_seconds > 0 and world_size > 1:
     raise UserError("max_seconds works in one process only (ranks' clocks would disagree on when to stop)")
 if unfreeze_every and optimizer == "muon":
     raise UserError("unfreeze_every works with optimizer='adamw' only (Muon's groups are fixed when it is built)")
+checkpoint.check_format(checkpoint_format, optimizer)
 if decay_lr and not warmup_iters < lr_decay_iters:
     raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
 if master and not eval_only:
@@ -140,11 +142,11 @@ if master and not eval_only:
     checkpoint.guard(out_dir, init_from, overwrite)  # never replace a trained model by mistake
 
 # ----------------------------------------------------------------------------- model and data
-resume_path = os.path.join(out_dir, checkpoint.LATEST)
+resume_path = os.path.join(out_dir, checkpoint.FORMATS[checkpoint_format])  # where this run saves
 state = None
 if init_from == "resume":
-    state = checkpoint.load(resume_path)
-    checkpoint.check_model_args(state, resume_path, config, explicit)
+    loaded_path, state = checkpoint.load_latest(out_dir, checkpoint_format)  # a .dcp: weights come after wrapping
+    checkpoint.check_model_args(state, loaded_path, config, explicit)
     block_size = state["model_args"]["block_size"]
 accum_steps = parallel.accumulation(total_batch_size, gradient_accumulation_steps, batch_size, block_size, world_size)
 gradient_accumulation_steps = config["gradient_accumulation_steps"] = accum_steps * world_size
@@ -182,7 +184,7 @@ optimizer = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, be
                          muon_momentum, parallelism)  # the setting's name now holds the optimizer
 if state is not None:
     freeze.catch_up(gpt, optimizer, *frz, iter_num, weight_decay, learning_rate)  # groups unfrozen before
-    parallel.load_optimizer(gpt, optimizer, state["optimizer"], fsdp)
+    parallel.load_training_state(gpt, optimizer, state, fsdp)  # the optimizer (and for a .dcp, the weights)
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
 wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
@@ -208,17 +210,20 @@ def get_lr(it):
 
 def save_checkpoint(is_best, val_loss=None):
     global saved_iter
-    model_sd, optim_sd = parallel.full_state(gpt, optimizer, fsdp)  # under FSDP every rank gathers
-    if master:
+    sharded = checkpoint_format == "sharded"  # then every rank writes its shard, else rank 0 the gathered state
+    model_sd, optim_sd = (parallel.sharded_state(gpt, optimizer) if sharded else  # under FSDP every rank gathers
+                          parallel.full_state(gpt, optimizer, fsdp))
+    if master or sharded:
         t0 = time.time()
         try:
             checkpoint.save(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(),
                                  model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
                                  val_loss=val_loss, config=config, meta=batches.meta, wandb_run_id=run_log.wandb_run_id),
                             out_dir, is_best, keep_last_n,
-                            replace=init_from != "resume" and saved_iter is None)
+                            replace=init_from != "resume" and saved_iter is None, sharded=sharded)
         except checkpoint.DiskFull as e:  # say how to go on from the checkpoint that is still there
             raise UserError(f"{e}; then {resume_hint()}") from None
+    if master:
         print(f"saved {'best and latest' if is_best else 'latest'} checkpoint to {out_dir} "
               f"at iter {iter_num} ({time.time() - t0:.2f}s)")
     saved_iter = iter_num

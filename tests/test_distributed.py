@@ -249,3 +249,103 @@ def test_total_batch_size_fixes_the_tokens_per_step_whatever_the_world_size(refe
     assert "batch: 256 tokens per step = 4 sequences x 32 tokens x 2 micro-steps x 1 process(es)" in reference[1]
     assert_same_run(out, reference[1])
     assert max_weight_error(str(tmp_path), reference[0]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- checkpoint_format='sharded': every
+# rank writes its shard with torch.distributed.checkpoint (DCP) into ckpt.dcp; the converter gives ckpt.pt
+
+@pytest.fixture(scope="module")
+def sharded_run(char_data, tmp_path_factory):
+    """fsdp_run's training, saved in the sharded format: (out_dir, output)."""
+    out_dir = str(tmp_path_factory.mktemp("sharded"))
+    out = finished(torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                            "--gradient_accumulation_steps=2", "--parallelism=fsdp", "--checkpoint_format=sharded"))
+    return out_dir, out
+
+
+def convert(*args):
+    """python checkpoint.py convert SRC DST: one process, no torch.distributed."""
+    return subprocess.run([sys.executable, "checkpoint.py", "convert", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_path):
+    """Converted in one process, the shards of 2 ranks are, bit for bit, the ckpt.pt that the full format writes."""
+    out_dir, out = sharded_run
+    assert_same_run(out, fsdp_run[1])
+    assert sorted(os.listdir(out_dir)) == [".lock", "best.dcp", "ckpt.dcp", "ckpt_0000004.dcp", "ckpt_0000008.dcp",
+                                           "loss.png", "metrics.jsonl"]
+    shards = set(os.listdir(os.path.join(out_dir, "ckpt.dcp")))
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "extra.pt"} <= shards
+    dst = str(tmp_path / "ckpt.pt")
+    proc = convert(os.path.join(out_dir, "ckpt.dcp"), dst)
+    assert proc.returncode == 0 and f"wrote {dst} (iter 8)" in proc.stdout, proc.stdout + proc.stderr
+    got, want = checkpoint.load(dst), checkpoint.load(os.path.join(fsdp_run[0], "ckpt.pt"))
+    assert got.keys() == want.keys() and got["model"].keys() == want["model"].keys()
+    assert all(torch.equal(got["model"][k], want["model"][k]) for k in got["model"])
+    (go, wo) = got["optimizer"], want["optimizer"]
+    assert go["param_groups"] == wo["param_groups"] and go["state"].keys() == wo["state"].keys()
+    assert all(torch.equal(go["state"][i][k], wo["state"][i][k]) for i in go["state"] for k in go["state"][i])
+    for k in ("iter_num", "best_val_loss", "val_loss", "model_args", "meta", "scaler"):
+        assert got[k] == want[k], k
+    again = convert(os.path.join(out_dir, "ckpt.dcp"), dst)
+    assert again.returncode == 1 and again.stderr.strip() == f"error: {dst} already exists: remove it first, or pick " \
+                                                            f"another name"
+    # sample.py and export.py read a .dcp folder as they read a file (the converter, in memory): best.dcp here
+    assert checkpoint.find(out_dir) == os.path.join(out_dir, "best.dcp")
+    model, meta = checkpoint.load_for_inference("resume", out_dir)
+    best = checkpoint.load(os.path.join(fsdp_run[0], "best.pt"))["model"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items()) and meta["vocab_size"] == 65
+
+
+def test_sharded_checkpoints_resume_at_any_world_size(reference, sharded_run, char_data, tmp_path):
+    """ckpt.dcp of step 4 (2 FSDP ranks) resumed by 2 FSDP ranks, and by one process, which saves ckpt.pt (the
+    default format) next to it: both continue with the losses and weights of the uninterrupted run."""
+    ref_dir, ref_out = reference
+    for name, launch in (("one", single), ("fsdp", lambda *a: torchrun(*a, "--parallelism=fsdp",
+                                                                        "--checkpoint_format=sharded"))):
+        out_dir = tmp_path / name
+        shutil.copytree(os.path.join(sharded_run[0], "ckpt_0000004.dcp"), out_dir / "ckpt.dcp")
+        out = finished(launch(*TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", *STEPS,
+                              "--gradient_accumulation_steps=2", "--init_from=resume"))
+        assert_same_run(out, ref_out, first=5)
+        saved = checkpoint.latest(str(out_dir), prefer="sharded")  # the newer: ckpt.pt (step 8) over ckpt.dcp (4)
+        assert saved == str(out_dir / ("ckpt.pt" if name == "one" else "ckpt.dcp"))
+        got, want = checkpoint.load(saved)["model"], checkpoint.load(os.path.join(ref_dir, "ckpt.pt"))["model"]
+        error = max((got[k] - want[k]).abs().max().item() for k in want)
+        print(f"sharded, resumed by {name}: max |weight error| {error:.2e}")
+        assert error < 1e-5
+
+
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    """A kill while ckpt.dcp.tmp is written leaves ckpt.dcp; one between the two renames of the swap leaves only
+    ckpt.dcp.old, which load reads; the next save removes both leftovers."""
+    import parallel
+    from model import GPT, GPTConfig
+    from runtime import UserError
+
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=65, bias=False, dropout=0.0)
+    gpt = GPT(GPTConfig(**args))
+    optimizer = torch.optim.AdamW(gpt.parameters())
+
+    def save(it, **kw):
+        model_sd, optim_sd = parallel.sharded_state(gpt, optimizer)
+        checkpoint.save(dict(model=model_sd, optimizer=optim_sd, model_args=args, iter_num=it, best_val_loss=1.0 / it,
+                             val_loss=1.0 / it, config={}, meta={}), str(tmp_path), sharded=True, **kw)
+
+    path = str(tmp_path / "ckpt.dcp")
+    save(1, is_best=True)
+    shutil.copytree(path, path + ".tmp")  # a later save killed before its swap (its files half written)
+    os.remove(os.path.join(path + ".tmp", ".metadata"))
+    os.rename(path, path + ".old")  # and a kill between the swap's two renames
+    assert checkpoint.latest(str(tmp_path)) == path + ".old" and checkpoint.load(path)["iter_num"] == 1
+    with pytest.raises(UserError, match=r"already holds a model trained for 1 iterations \(best val loss 1.0000\)"):
+        checkpoint.guard(str(tmp_path), "scratch", overwrite=False)
+    save(2)
+    assert sorted(os.listdir(tmp_path)) == ["best.dcp", "ckpt.dcp"] and checkpoint.load(path)["iter_num"] == 2
+    torch.save({"iter_num": 9}, tmp_path / "ckpt.pt")  # an older run's, in the full format: an overwrite removes it
+    save(3, replace=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp"]
+    shutil.copytree(path, path + ".old")  # a kill after the swap's renames, before the old folder was removed
+    save(4)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.dcp"] and checkpoint.load(path)["iter_num"] == 4
