@@ -244,7 +244,7 @@ def resume_hint():
 stop = StopSignal(world_size, interrupted=lambda: f"interrupted by a second Ctrl-C at iter {iter_num}; {resume_hint()}")
 start_iter, healthy = iter_num, True
 bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
-running_mfu, t0 = -1.0, time.time()
+running_mfu, t0, t0_iter = -1.0, time.time(), iter_num  # step timing: time and iteration it starts from
 loop_start = t0  # for max_seconds
 while True:
     out_of_time = max_seconds > 0 and time.time() - loop_start >= max_seconds  # then evaluate, save and stop
@@ -259,12 +259,12 @@ while True:
         if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
             save_checkpoint(is_best=improved, val_loss=losses["val"])
         run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num > start_iter)  # + metrics, loss.png, doctor
-        t0 = time.time()  # leave evaluation and saving out of the step timing
+        t0, t0_iter = time.time(), iter_num  # leave evaluation and saving out of the step timing
     if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
-        t0 = time.time()
+        t0, t0_iter = time.time(), iter_num
     if hellaswag_interval and iter_num % hellaswag_interval == 0 and iter_num > start_iter:
         run_log.hellaswag(iter_num, hellaswag.evaluate(gpt, *hellaswag_set, device, ctx, rank, world_size))
-        t0 = time.time()
+        t0, t0_iter = time.time(), iter_num
     if out_of_time and stop.received is None:
         stop.received = f"max_seconds={max_seconds:g}"
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
@@ -289,8 +289,8 @@ while True:
     if iter_num % log_interval == 0:  # the one place the loop waits for the device (.item())
         lossf = mean_over_ranks(loss, world_size)  # the step's loss, over its micro-steps and all ranks
         normf, streak, total = grad_norm.item(), int(bad_streak), int(bad_total)
-        dt = (time.time() - t0) / log_interval
-        t0 = time.time()
+        dt = (time.time() - t0) / (iter_num - t0_iter)  # per step since the last line, or eval if that was later
+        t0, t0_iter = time.time(), iter_num
         if iter_num - start_iter >= 5 * log_interval:  # let the first steps (compilation, warmup) pass
             mfu = gpt.estimate_mfu(tokens_per_iter // world_size, dt, peak)
             running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
