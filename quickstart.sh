@@ -33,6 +33,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 # ----------------------------------------------------------------------------- environment
 if [[ ! -x .venv/bin/python ]]; then
+    # the pinned numpy and torch have wheels for these only: say so before pip fails deep inside an install
+    if ! "${PYTHON:-python3}" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))'; then
+        echo "error: $("${PYTHON:-python3}" --version 2>&1) found; this repo needs Python 3.11-3.13:" \
+             "install one and run PYTHON=python3.12 bash $0" >&2
+        exit 1
+    fi
     echo "== creating .venv"
     "${PYTHON:-python3}" -m venv .venv
 fi

@@ -347,3 +347,30 @@ def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(char_
         export(monkeypatch, f"--out_dir={tmp_path / 'char'}", f"--hf_dir={other}")
     assert os.listdir(other) == ["notes.txt"]
     shutil.rmtree(hf_dir)
+
+
+def unsupported_python():
+    """A real interpreter outside 3.11-3.13 on this machine (python3.10, or pyenv's), or None."""
+    import glob
+
+    found = [shutil.which(f"python3.{minor}") for minor in (10, 9, 14)]
+    found += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3")))
+    for python in filter(None, found):  # (a pyenv shim can exist and fail)
+        check = "import sys; sys.exit((3, 11) <= sys.version_info[:2] <= (3, 13))"  # 0: outside
+        if subprocess.run([python, "-c", check], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+@pytest.mark.parametrize("script", ["quickstart.sh", "test.sh"])
+def test_scripts_refuse_an_unsupported_python_before_installing(script, tmp_path):
+    python = unsupported_python()
+    if python is None:
+        pytest.skip("no Python outside 3.11-3.13 installed here")
+    shutil.copy(os.path.join(REPO, script), tmp_path)  # a copy: it must not make a .venv in the repo
+    proc = subprocess.run(["bash", script], cwd=tmp_path, env={**os.environ, "PYTHON": python},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert re.fullmatch(r"error: Python 3\.\d+\.\d+ found; this repo needs Python 3\.11-3\.13: install one and run "
+                        r"PYTHON=python3\.12 bash .*\n", proc.stderr), proc.stderr
+    assert not (tmp_path / ".venv").exists()
