@@ -29,6 +29,7 @@ from runtime import UserError
 from tokenizer import load_tokenizer
 
 METRICS, PLOT = "metrics.jsonl", "loss.png"
+PLOT_SECONDS = 30  # loss.png is redrawn at an eval at most this often (0.3 s each on a CPU), and at the end
 CHINCHILLA = 20  # tokens per parameter of a compute-optimal run (Hoffmann et al. 2022)
 
 
@@ -294,6 +295,7 @@ class RunLog:
         self.max_iters, self.eval_only = config["max_iters"], config["eval_only"]
         self.writes = self.master and not self.eval_only  # an evaluation leaves the run's records alone
         self.t_start = self.t_last_step = time.time()
+        self.t_plot = -math.inf  # when loss.png was last drawn
         self.last_line_step, self.dt_ema, self.dt_provisional, self.eval_seconds = start_iter, None, True, 0.0
         self.clipped = torch.zeros((), dtype=torch.long, device=rt.device)  # clipped steps since the last line
         self.best, self.warnings = None, 0  # (val loss, step, val bpb) of the best eval
@@ -460,7 +462,8 @@ class RunLog:
                          elapsed_s=round(self.elapsed_before + time.time() - self.t_start, 3), time=time.time())
         self._remember(r)
         self._warn(step, self.doctor.eval(step, losses["train"], val))
-        self.plot()
+        if time.time() - self.t_plot >= PLOT_SECONDS:
+            self.plot()
 
     def hellaswag(self, step, result):
         """The HellaSwag line (train.py's hellaswag_interval), into metrics.jsonl and wandb too."""
@@ -470,6 +473,7 @@ class RunLog:
             self._record("hellaswag", step, acc=result.acc, acc_norm=result.acc_norm, examples=result.n)
 
     def plot(self):
+        self.t_plot = time.time()
         if self.writes and (self.curve[0] or self.evals):
             name = os.path.basename(os.path.abspath(self.out_dir))
             best = min((e["val_loss"] for e in self.evals), default=None)

@@ -15,11 +15,22 @@ from batches import EVAL
 from runtime import UserError
 
 
+def manual_seed(seed):
+    """torch.manual_seed for the generators in use: the CPU's, and CUDA's once CUDA is initialized. torch.manual_seed
+    itself also queues a seed for a CUDA that may start later, formatting the caller's stack trace each time: on a
+    CPU-only torch, 50 us from a shallow stack and more from the training loop's, twice per step."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+    elif torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
+
+
 def seed_iteration(seed, rank, iter_num):
     """Dropout draws from (seed, rank, iteration): a resumed run is exact with no RNG state to restore. train.py
     passes rank 0 on every rank, and train_step reseeds each micro-step by its index in the whole step, so the
     dropout masks too are the same for 1, 2 or 8 ranks."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
+    manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
 
 
 def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip, rank=0):
@@ -36,7 +47,7 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
     for micro_step in range(accum_steps):
         # under DDP or FSDP, reduce the gradients over ranks only after the last micro-step
         parallel.set_gradient_sync(model, micro_step == accum_steps - 1)
-        torch.manual_seed(base_seed + first + micro_step)
+        manual_seed(base_seed + first + micro_step)
         with autocast:
             _, loss = model(X, Y)
             loss = loss / accum_steps  # the gradient of the mean over all micro-batches
