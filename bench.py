@@ -1,6 +1,6 @@
 """
 Time the training step a config trains (forward, backward, optimizer), through exactly the code train.py runs:
-training.train_step, with train.py's settings, config files and overrides.
+step.train_step, with train.py's settings, config files and overrides.
 
     python bench.py config/train_shakespeare_char_cpu.py                # what that config trains, on its data
     python bench.py config/train_gpt2.py --batch_size=16 --compile=True  # any train config, any override
@@ -24,7 +24,7 @@ from checkpoint import RECIPE_KEYS
 from configurator import configure, script_settings
 from model import GPT, GPTConfig
 from runtime import can_compile, install_error_hook, peak_flops, setup, synchronize
-from training import seed_iteration, train_step
+from step import seed_iteration, train_step
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CPU_DEFAULT = "config/train_shakespeare_char_cpu.py"  # GPT-2 124M takes seconds per step on a CPU: time this there

@@ -491,7 +491,7 @@ class RunLog:
         t0, was_training = time.time(), self.gpt.training
         self.gpt.eval()
         # a fixed seed: the same randomness at every sample, so they differ only by what the model learned;
-        # the training RNG is untouched in effect, since every step reseeds it (training.seed_iteration)
+        # the training RNG is untouched in effect, since every step reseeds it (step.seed_iteration)
         torch.manual_seed(self.c["seed"])
         x = torch.tensor(self.prompt_ids, dtype=torch.long, device=self.rt.device)[None]
         with torch.no_grad(), self.rt.autocast:

@@ -3,7 +3,7 @@ Many processes (torchrun): wrapping the model for DDP or FSDP2, activation check
 accumulation switch, and full (single-file) state dicts that any world size can save and load.
 
     model = parallel.wrap(gpt, rt, parallelism, compile, activation_checkpointing)   # once, before the optimizer
-    parallel.set_gradient_sync(model, last_micro_step)                                # in training.train_step
+    parallel.set_gradient_sync(model, last_micro_step)                                # in step.train_step
     model_sd, optim_sd = parallel.full_state(gpt, optimizer, fsdp)                      # every rank; rank 0 writes
     parallel.load_optimizer(gpt, optimizer, optim_sd, fsdp)                             # every rank
     parallel.sharded_state(gpt, optimizer), parallel.load_training_state(...)           # checkpoint_format='sharded'

@@ -27,7 +27,7 @@ from configurator import configure
 from metrics import RunLog, mean_over_ranks
 from model import GPT, GPTConfig
 from runtime import UserError, can_compile, install_error_hook, peak_flops, setup
-from training import StopSignal, estimate_loss, seed_iteration, train_step
+from step import StopSignal, estimate_loss, seed_iteration, train_step
 
 # ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
 # I/O

@@ -32,7 +32,7 @@ from batches import Batches, dataset_dir  # noqa: E402
 from configurator import configure, script_settings  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import UserError, install_error_hook, setup  # noqa: E402
-from training import seed_iteration, train_step  # noqa: E402
+from step import seed_iteration, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 globals().update(script_settings(os.path.join(REPO, "train.py")))  # train.py's, with its defaults

@@ -17,7 +17,7 @@ from batches import Batches
 from conftest import REPO, TINY, run
 from model import GPT, GPTConfig
 from runtime import autocast
-from training import train_step
+from step import train_step
 
 SAVER = """
 import sys, torch, checkpoint

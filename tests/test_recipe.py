@@ -15,7 +15,7 @@ from batches import Batches
 from conftest import TINY, run
 from model import GPT, GPTConfig, apply_rotary, rotary
 from runtime import UserError, autocast
-from training import train_step
+from step import train_step
 
 SMALL = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 MODERN = {k: v for k, v in optim.RECIPES["modern"].items() if k in GPTConfig.__dataclass_fields__}

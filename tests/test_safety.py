@@ -165,9 +165,9 @@ def test_a_failing_write_removes_its_temp_file_and_keeps_the_old_checkpoint(tmp_
 
 
 SAVER = """
-import sys, torch, checkpoint, runtime, training
+import sys, torch, checkpoint, runtime, step
 runtime.install_error_hook()
-stop = training.StopSignal(interrupted=lambda: "interrupted by a second Ctrl-C; the last good checkpoint stays")
+stop = step.StopSignal(interrupted=lambda: "interrupted by a second Ctrl-C; the last good checkpoint stays")
 for i in range(1, 10**6):  # ~32 MB states, saving most of the time
     checkpoint.save({"model": {"w": torch.full((8_000_000,), float(i))}, "model_args": {}, "iter_num": i}, sys.argv[1])
     print(i, flush=True)
