@@ -92,7 +92,11 @@ def parse_args(description, dataset_dir):
     return parser.parse_args()
 
 
+_signals = []  # the signals write_dataset received, should a library swallow the KeyboardInterrupt
+
+
 def _interrupt(signum, frame):
+    _signals.append(signum)
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
 
 
@@ -155,12 +159,14 @@ def write_dataset(out_dir, splits, meta):
     except OSError as e:
         fail(f"cannot write to {out_dir} ({e.strerror or e}): pass another --out_dir")
     meta = {"format": FORMAT_VERSION, **meta, "dtype": token_dtype(meta["vocab_size"])}
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         meta["tokens"] = {}
         for split in SPLITS:
             meta["tokens"][split] = _write_split(os.path.join(tmp, f"{split}.bin"), splits[split], meta["dtype"],
                                                  meta["vocab_size"])
+        if _signals:  # a Ctrl-C whose KeyboardInterrupt something caught (seen once: the prepare finished, exit 0)
+            raise KeyboardInterrupt
         order = ("format", "tokenizer", "vocab_size", "dtype", "eot", "tokens", "documents", "source")
         meta = {**{k: meta[k] for k in order if k in meta}, **meta}  # the short fields first, "vocab" last
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
@@ -184,7 +190,8 @@ def write_dataset(out_dir, splits, meta):
                  f"some disk space or pass another --out_dir")
         fail(f"{e}; {out_dir} is as it was before this prepare")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(tmp, ignore_errors=True)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
