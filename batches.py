@@ -233,9 +233,10 @@ class Batches:
     def get(self, split, step, micro_step=0, stream=TRAIN_STEP):
         """Batch `micro_step` (counted over all ranks) of training iteration `step` (or batch `step` of an
         evaluation, stream=EVAL: the same on every rank)."""
-        prefetched, self.prefetched = self.prefetched, None
-        if prefetched and stream == TRAIN_STEP and prefetched[0] == (split, step, micro_step):
-            return prefetched[1]
+        if stream == TRAIN_STEP and self.prefetched:  # (an evaluation in between leaves it for the next step)
+            prefetched, self.prefetched = self.prefetched, None
+            if prefetched[0] == (split, step, micro_step):
+                return prefetched[1]
         data = self._open(split)
         # 0: the rank's slot in older versions, kept so that one process draws the batches it always drew
         rng = np.random.default_rng([self.seed, 0, SPLITS.index(split), stream, step, micro_step])

@@ -159,6 +159,7 @@ def write_dataset(out_dir, splits, meta):
     except OSError as e:
         fail(f"cannot write to {out_dir} ({e.strerror or e}): pass another --out_dir")
     meta = {"format": FORMAT_VERSION, **meta, "dtype": token_dtype(meta["vocab_size"])}
+    _signals.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         meta["tokens"] = {}

@@ -10,9 +10,9 @@ from runtime import pick_dtype
 
 AUTO = pick_dtype("auto", "cpu")  # bfloat16 on CPUs with native bfloat16, else float32
 
-TINY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-              "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2", "--dataset=",
-              "--gradient_accumulation_steps=1"]
+TINY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
+              "--block_size=32", "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2",
+              "--dataset=", "--gradient_accumulation_steps=1"]
 SUMMARY = re.compile(r"bench: ([\d.]+) ms/iter, ([\d,]+) tokens/s, mfu ([\d.]+)%, peak memory ([\d.]+) MiB \((.+)\)")
 LOSS = re.compile(r"^loss: first ([\d.]+), final ([\d.]+)$", re.M)
 
