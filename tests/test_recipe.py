@@ -13,7 +13,7 @@ import model as model_module
 import optim
 from batches import Batches
 from conftest import TINY, run
-from model import GPT, GPTConfig, apply_rotary, rotary
+from model import GPT, GPTConfig, apply_rotary, rms_norm, rotary
 from runtime import UserError, autocast
 from step import train_step
 
@@ -54,6 +54,23 @@ def test_modern_model_has_no_position_table_biases_or_gains_and_an_untied_head()
     mixes = sum(p.numel() for n, p in m.named_parameters() if "x0_mix" in n)
     assert m.get_num_params() == matmuls + mixes
     assert m.flops_per_token() == 6 * (matmuls + mixes) + 12 * 2 * 2 * 16 * 16
+
+
+def test_rms_norm_is_torch_rms_norm_in_value_and_gradient():
+    """model.rms_norm (hand-written backward) against F.rms_norm and autograd; float32 out under bf16 autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    ref, got = F.rms_norm(x, (16,)), rms_norm(x)
+    assert got.dtype == torch.float64 and torch.allclose(got, ref)
+    g = torch.randn_like(ref)
+    assert torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    assert torch.autograd.gradcheck(rms_norm, (x,))
+    xb = torch.randn(4, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(xb.bfloat16())  # what a bfloat16 Linear hands it
+    assert y.dtype == torch.float32 and torch.allclose(y, F.rms_norm(xb.bfloat16().float(), (32,)))
+    y.sum().backward()
+    assert xb.grad.dtype == torch.float32 and torch.isfinite(xb.grad).all()
 
 
 def test_rotary_scores_depend_only_on_relative_position():
