@@ -82,7 +82,10 @@ class BatchedMuon(torch.optim.Muon):
             lr, momentum = group["lr"], group["momentum"]
             for shape, params in by_shape.items():
                 grads = [p.grad for p in params]
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:  # (setdefault would build a new zeros each step)
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - momentum)
                 update = torch.stack(grads).lerp_(torch.stack(bufs), momentum) if group["nesterov"] \
                     else torch.stack(bufs)
