@@ -6,14 +6,21 @@ step.train_step, with train.py's settings, config files and overrides.
     python bench.py config/train_gpt2.py --batch_size=16 --compile=True  # any train config, any override
     python bench.py                          # GPT-2 124M (train.py's defaults) on a GPU; the CPU preset on a CPU
     python bench.py config/train_shakespeare_char.py --profile=True     # a torch.profiler trace and the top ops
+    python bench.py config/train_shakespeare_char_cpu.py --against=HEAD  # is my edited model.py faster than HEAD's?
 
 The data is the config's dataset when it is prepared, else synthetic tokens (--vocab_size of them, a note says so).
 The last line is the result: `bench: 12.34 ms/iter, 45,678 tokens/s, mfu 12.3%, peak memory 456.7 MiB (...)`.
+With --against, the step of this model.py and of the other one are timed in turns in one process, and the last line
+is their ratio: a machine whose speed drifts by 20% between runs still shows a 5% change.
 """
 
+import builtins
 import os
+import statistics
+import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -22,8 +29,8 @@ from batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
 import optim
 from checkpoint import RECIPE_KEYS
 from configurator import configure, script_settings
-from model import GPT, GPTConfig
-from runtime import can_compile, install_error_hook, peak_flops, setup, synchronize
+import model as model_py
+from runtime import UserError, can_compile, install_error_hook, peak_flops, setup, synchronize
 from step import seed_iteration, train_step
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +45,8 @@ warmup_steps = 10  # steps run before timing (compilation, allocator and cache w
 num_steps = 20  # timed steps
 profile = False  # instead of timing, record a few steps with torch.profiler and print the top ops
 profile_dir = "bench_profile"  # where the profiler's trace (Chrome / Perfetto JSON) goes
+against = ""  # a git revision (HEAD, main~3) or a path to another model.py: time both in turns and compare
+rounds = 10  # with against: timed rounds, num_steps of each model per round, the order alternating
 # -----------------------------------------------------------------------------
 install_error_hook()
 argv = sys.argv[1:]
@@ -86,42 +95,74 @@ else:
 if init_from in GPT2_SHAPES:  # a finetuning config: time the GPT-2 it starts from
     n_layer, n_head, n_embd = GPT2_SHAPES[init_from]
     bias = True
-torch.manual_seed(seed)
-gpt = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                    vocab_size=batches.vocab_size or 50304, dropout=dropout,
-                    **{k: globals()[k] for k in RECIPE_KEYS}))
-if prepared:
-    batches.check_vocab(gpt.config.vocab_size)
-gpt.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
-optimizer = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
-                         muon_momentum)  # constant lr
 compiled = compile and can_compile(device_type)
-model = torch.compile(gpt) if compiled else gpt
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
-      f"{tokens_per_iter:,} tokens per iteration | {data_name}")
-
-losses = []  # device tensors: reading them waits for the device, so that happens only at the end
-iter_num = 0
+if against and profile:
+    raise UserError("--against and --profile are separate runs: drop one of them")
+if against and rounds < 1:
+    raise UserError(f"--rounds={rounds}: --against needs at least 1 round")
 
 
-def run_steps(n, prof=None):
-    global iter_num
+def load_model_py(rev_or_path):
+    """Another model.py, as a module of its own: a file, or this repo's model.py at a git revision."""
+    if os.path.isfile(rev_or_path):
+        with open(rev_or_path) as f:
+            source, name = f.read(), rev_or_path
+    else:
+        try:
+            git = subprocess.run(["git", "show", f"{rev_or_path}:model.py"], cwd=REPO, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise UserError(f"--against={rev_or_path}: no such file, and no git to look it up as a revision") from None
+        if git.returncode != 0:
+            raise UserError(f"--against={rev_or_path}: not a file, and git has no model.py at that revision "
+                            f"({(git.stderr.strip().splitlines() or ['git failed'])[-1]})")
+        source, name = git.stdout, f"{rev_or_path}:model.py"
+    module = sys.modules["model_against"] = types.ModuleType("model_against")  # dataclasses look it up there
+    module.__file__ = name
+    exec(builtins.compile(source, name, "exec"), module.__dict__)  # (compile is a setting here)
+    return module
+
+
+def build(module):
+    """module's GPT with this run's settings and seed, its optimizer (constant lr), and the steps it has run."""
+    torch.manual_seed(seed)
+    try:
+        gpt = module.GPT(module.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                          bias=bias, vocab_size=batches.vocab_size or 50304, dropout=dropout,
+                                          **{k: globals()[k] for k in RECIPE_KEYS}))
+    except TypeError as e:  # an older model.py without a setting this one has
+        raise UserError(f"{module.__file__}: {e}") from None
+    if prepared:
+        batches.check_vocab(gpt.config.vocab_size)
+    gpt.to(device)
+    opt = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
+                       muon_momentum)
+    return dict(gpt=gpt, model=torch.compile(gpt) if compiled else gpt, optimizer=opt, iter_num=0, losses=[])
+
+
+def run_steps(run, n, prof=None):
     for _ in range(n):
-        seed_iteration(seed, 0, iter_num)
-        loss, _, _ = train_step(model, optimizer, scaler, batches, iter_num, gradient_accumulation_steps, ctx,
-                                grad_clip)
-        losses.append(loss)
-        iter_num += 1
+        seed_iteration(seed, 0, run["iter_num"])
+        loss, _, _ = train_step(run["model"], run["optimizer"], scaler, batches, run["iter_num"],
+                                gradient_accumulation_steps, ctx, grad_clip)
+        run["losses"].append(loss)  # device tensors: read only at the end, so no step waits for the device
+        run["iter_num"] += 1
         if prof is not None:
             prof.step()
 
 
-t0 = time.perf_counter()
-run_steps(warmup_steps)
-synchronize(device)
-print(f"{warmup_steps} warmup steps in {time.perf_counter() - t0:.1f}s{' (includes compilation)' if compiled else ''}")
+runs = [build(model_py)] + ([build(load_model_py(against))] if against else [])
+gpt, losses = runs[0]["gpt"], runs[0]["losses"]
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
+      f"{tokens_per_iter:,} tokens per iteration | {data_name}")
+
+for run, name in zip(runs, ("", f" of {against}'s model.py")):
+    t0 = time.perf_counter()
+    run_steps(run, warmup_steps)
+    synchronize(device)
+    print(f"{warmup_steps} warmup steps{name} in {time.perf_counter() - t0:.1f}s"
+          f"{' (includes compilation)' if compiled else ''}")
 
 if profile:
     # wait 1 step, warm the profiler up for 1, record 3; then the trace is written and the table printed
@@ -132,7 +173,7 @@ if profile:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3),
                                 on_trace_ready=lambda p: p.export_chrome_trace(trace_path), record_shapes=True) as prof:
-        run_steps(5, prof)
+        run_steps(runs[0], 5, prof)
     synchronize(device)
     print(f"trace written to {trace_path} (open it in https://ui.perfetto.dev or chrome://tracing)")
     sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
@@ -142,11 +183,15 @@ if profile:
 
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-synchronize(device)
-t0 = time.perf_counter()
-run_steps(num_steps)
-synchronize(device)
-dt = (time.perf_counter() - t0) / num_steps  # seconds per iteration
+seconds = [[] for _ in runs]  # per timed round, of each run
+for r in range(rounds if against else 1):
+    for i in (range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))):  # ABBA: no run always goes first
+        synchronize(device)
+        t0 = time.perf_counter()
+        run_steps(runs[i], num_steps)
+        synchronize(device)
+        seconds[i].append((time.perf_counter() - t0) / num_steps)
+dt = statistics.median(seconds[0])  # seconds per iteration
 
 peak, peak_source = peak_flops(device, dtype)
 mfu = gpt.estimate_mfu(tokens_per_iter, dt, peak)
@@ -157,7 +202,14 @@ else:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     memory, memory_source = rss * (1 if sys.platform == "darwin" else 1024), "peak RSS of the process"
-print(f"timed: {num_steps} steps in {dt * num_steps:.2f}s | MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+timed = f"{num_steps} steps in {dt * num_steps:.2f}s" if not against else f"{rounds} rounds of {num_steps} steps, median"
+print(f"timed: {timed} | MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
 print(f"loss: first {losses[0].item():.4f}, final {losses[-1].item():.4f}")
 print(f"bench: {dt * 1000:.2f} ms/iter, {tokens_per_iter / dt:,.0f} tokens/s, mfu {mfu:.1%}, "
       f"peak memory {memory / 2**20:.1f} MiB ({memory_source})")
+if against:
+    ratios = sorted(a / b for a, b in zip(*seconds))  # this model.py's time over the other's, round by round
+    print(f"against {against}: {statistics.median(seconds[1]) * 1000:.2f} ms/iter (its loss: first "
+          f"{runs[1]['losses'][0].item():.4f}, final {runs[1]['losses'][-1].item():.4f})")
+    print(f"against {against}: this model.py takes {statistics.median(ratios):.3f}x its time per step (median of "
+          f"{rounds} rounds; middle half {ratios[len(ratios) // 4]:.3f}-{ratios[(3 * len(ratios)) // 4]:.3f})")

@@ -152,7 +152,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, kv_cache=None, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm or rope is not None:  # queries and keys go through the same ops: one call for both
             qk = torch.stack((q, k))  # (2, B, nh, T, hs)
             if self.qk_norm:  # every head's query and key vectors get norm sqrt(hs)

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import os
 import re
 
 from conftest import run
@@ -103,6 +104,38 @@ def test_profile_writes_a_trace(tmp_path):
         events = json.load(f)["traceEvents"]
     assert any("aten::mm" in e.get("name", "") for e in events)
     assert "Self CPU" in proc.stdout and "aten::mm" in proc.stdout  # the top-ops table
+
+
+AGAINST = re.compile(r"against (.+): ([\d.]+) ms/iter \(its loss: first ([\d.]+), final ([\d.]+)\)\n"
+                     r"against \1: this model.py takes ([\d.]+)x its time per step \(median of (\d+) rounds")
+
+
+def test_against_times_another_model_py_in_turns(tmp_path):
+    """--against: the same training with another model.py, timed in alternating rounds; the ratio is this/other."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "model.py")) as f:
+        source = f.read()
+    marker = "        B, T = idx.size()\n"
+    assert source.count(marker) == 1
+    slow = tmp_path / "slow_model.py"  # the same model, 10 ms slower per forward pass
+    slow.write_text(source.replace(marker, marker + "        __import__('time').sleep(0.01)\n"))
+    out = run("bench.py", *TINY_BENCH, "--vocab_size=256", "--num_steps=3", f"--against={slow}", "--rounds=3").stdout
+    m = AGAINST.search(out)
+    assert m and m[1] == str(slow) and m[6] == "3", out
+    assert float(m[5]) < 0.9, out  # this model.py skips the 10 ms sleep: far faster whatever the machine
+    _, _, _, _, first, final = parse(out.split("\nagainst ")[0])
+    assert (float(m[3]), float(m[4])) == (first, final), out  # same seed, same batches, same arithmetic
+
+
+def test_against_a_model_py_without_a_setting_is_one_line(tmp_path):
+    with open(os.path.join(os.path.dirname(__file__), "..", "model.py")) as f:
+        source = f.read()
+    old = tmp_path / "old_model.py"  # a model.py from before rotary embeddings
+    old.write_text(source.replace("    rotary: bool = False", ""))
+    for against, expected in ((old, "rotary"), ("no_such_revision", "no model.py at that revision")):
+        proc = run("bench.py", *TINY_BENCH, f"--against={against}", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+        assert expected in lines[0], proc.stderr
 
 
 def test_bad_setting_is_one_line():
