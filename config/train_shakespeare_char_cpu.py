@@ -27,7 +27,8 @@ warmup_iters = 100
 
 # the modern recipe (README: The modern recipe): Muon, rotary, RMSNorm, QK-norm, ReLU^2, untied head, soft-cap, WSD.
 # It reached a lower val loss than GPT-2's in the same 40 s of CPU time (1.69 vs 1.94-1.99, experiments/ablation.py),
-# and 1.635 in nanoGPT's 70 s (nanoGPT: 1.886); the GPT-2 recipe is one override away: --recipe=gpt2
+# and 1.639 in about nanoGPT's time (nanoGPT: 1.886; README: Benchmarks); the GPT-2 recipe is one override away:
+# --recipe=gpt2 (1.921, 1.55-1.65x nanoGPT's speed)
 recipe = "modern"
 
 device = "cpu"
