@@ -113,6 +113,7 @@ lr_schedule = "cosine"  # 'cosine' (warmup, cosine to min_lr) or 'wsd' (warmup, 
 cooldown_frac = 0.4  # wsd: the final fraction of lr_decay_iters spent cooling down
 final_lr_frac = 0.0  # wsd: the lr at the end of the cooldown, as a fraction of the peak
 max_seconds = 0.0  # > 0: stop and save once the loop has run this long (wall time, evals included; per process)
+target_val_loss = 0.0  # > 0: stop and save at the first evaluation with val loss <= this (time to a target loss)
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
@@ -243,7 +244,7 @@ def resume_hint():
 # Evaluation, checkpoints and stopping all happen at the top of an iteration, so a checkpoint holds
 # the state just before step iter_num, which is where a resumed run starts.
 stop = StopSignal(world_size, interrupted=lambda: f"interrupted by a second Ctrl-C at iter {iter_num}; {resume_hint()}")
-start_iter, healthy = iter_num, True
+start_iter, healthy, reached_target = iter_num, True, False
 bad_total = bad_streak = torch.zeros((), dtype=torch.long, device=device)  # skipped steps, counted on device
 running_mfu, t0, t0_iter = -1.0, time.time(), iter_num  # step timing: time and iteration it starts from
 loop_start = t0  # for max_seconds
@@ -257,6 +258,7 @@ while True:
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         healthy = math.isfinite(losses["val"])  # never overwrite a good checkpoint with a broken model
+        reached_target = 0 < target_val_loss and losses["val"] <= target_val_loss  # the same on every rank
         if healthy and iter_num > start_iter and (improved or always_save_checkpoint):
             save_checkpoint(is_best=improved, val_loss=losses["val"])
         run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num > start_iter)  # + metrics, loss.png, doctor
@@ -269,11 +271,14 @@ while True:
     if out_of_time and stop.received is None:
         stop.received = f"max_seconds={max_seconds:g}"
     stopping = stop.should_stop()  # a signal on any rank stops all of them at this same iteration
-    if iter_num >= max_iters or stopping:
+    if iter_num >= max_iters or stopping or reached_target:
         if healthy and saved_iter != iter_num and iter_num > start_iter:
             save_checkpoint(is_best=False)
         if stopping and master:
             print(f"stopped by {stop.received or 'a signal to another rank'} at iter {iter_num}; {resume_hint()}")
+        elif reached_target and master:
+            print(f"reached target_val_loss={target_val_loss:g} at iter {iter_num}: val loss {losses['val']:.4f}, "
+                  f"{time.time() - run_log.t_start:.1f}s after the run started (evaluations included)")
         break
 
     lr = get_lr(iter_num) if decay_lr else learning_rate

@@ -56,6 +56,19 @@ def test_resume_is_bit_exact_even_when_interrupted_twice(char_data, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_target_val_loss_stops_and_saves_at_the_first_eval_that_reaches_it(char_data, tmp_path):
+    common = ["--max_iters=40", "--eval_interval=10", "--always_save_checkpoint=False"]
+    full = train(char_data, tmp_path / "full", *common).stdout
+    vals = {int(k): float(v) for k, v in re.findall(r"^step (\d+): train loss \S+, val loss (\S+)", full, re.M)}
+    assert vals[20] < min(vals[0], vals[10]) - 0.01, vals  # it learns, so step 20 is the first below this:
+    target = vals[20] + (min(vals[0], vals[10]) - vals[20]) / 2
+    proc = train(char_data, tmp_path / "target", *common, f"--target_val_loss={target}")
+    assert re.search(rf"^reached target_val_loss={target:g} at iter 20: val loss {vals[20]:.4f}, [\d.]+s after",
+                     proc.stdout, re.M), proc.stdout
+    assert max(losses(proc.stdout)) == 20 and all(losses(proc.stdout)[i] == losses(full)[i] for i in range(1, 21))
+    assert checkpoint.load(str(tmp_path / "target" / "ckpt.pt"))["iter_num"] == 20  # saved there: resumable
+
+
 def test_eval_only_and_snapshots(char_data, tmp_path):
     proc = train(char_data, tmp_path, "--max_iters=8", "--eval_interval=2", "--keep_last_n=2")
     snapshots = sorted(p for p in os.listdir(tmp_path) if p.startswith("ckpt_"))
