@@ -113,13 +113,14 @@ class KVCache:
 
     def __init__(self, config, batch_size):
         self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated on first use, in the dtype attention runs in (autocast may lower it)
+        self.k = self.v = None  # allocated on first use, in the values' dtype (autocast may lower it; RMS-normed keys
+        # come float32 and are stored in it too, so attention never converts the whole cache)
         self.length = 0  # tokens already cached
 
     def update(self, layer, k, v):
         """Store this step's (B, nh, T, hs) keys/values of `layer`; return all of them so far."""
         if self.k is None:
-            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
+            self.k, self.v = v.new_zeros(self.shape), v.new_zeros(self.shape)
         start, end = self.length, self.length + k.size(2)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
