@@ -137,7 +137,8 @@ def build(module):
     gpt.to(device)
     opt = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
                        muon_momentum)
-    return dict(gpt=gpt, model=torch.compile(gpt) if compiled else gpt, optimizer=opt, iter_num=0, losses=[])
+    return dict(gpt=gpt, model=torch.compile(gpt) if compiled else gpt, optimizer=opt, iter_num=0, losses=[],
+                name="" if module is model_py else f" of {module.__file__}")
 
 
 def run_steps(run, n, prof=None):
@@ -157,11 +158,11 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
       f"{tokens_per_iter:,} tokens per iteration | {data_name}")
 
-for run, name in zip(runs, ("", f" of {against}'s model.py")):
+for run in runs:
     t0 = time.perf_counter()
     run_steps(run, warmup_steps)
     synchronize(device)
-    print(f"{warmup_steps} warmup steps{name} in {time.perf_counter() - t0:.1f}s"
+    print(f"{warmup_steps} warmup steps{run['name']} in {time.perf_counter() - t0:.1f}s"
           f"{' (includes compilation)' if compiled else ''}")
 
 if profile:
