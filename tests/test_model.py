@@ -149,15 +149,27 @@ def test_generate_under_bfloat16_autocast_matches_full_recompute():
         assert torch.equal(out, greedy_without_cache(model, prompt, 8))
 
 
-def test_cpu_bfloat16_autocast_runs_attention_in_float32():
-    """model.attention under CPU bfloat16 autocast: float32 attention, the same as without autocast."""
+def test_cpu_bfloat16_autocast_attention_is_flash_attention_in_value_and_gradient():
+    """model.attention under CPU bfloat16 autocast (written out in bfloat16 there): the same attention as float32
+    flash, causal over a sequence and for one new query against cached keys, values and gradients within bfloat16's
+    rounding; with dropout it still runs float32 flash."""
     from torch.nn import functional as F
 
     from model import attention
 
-    q, k, v = (torch.randn(2, 2, 8, 16, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    for T, T_k, causal in ((8, 8, True), (1, 8, False)):
+        q, k, v = (torch.randn(2, 3, n, 16, generator=torch.Generator().manual_seed(i)).bfloat16().requires_grad_()
+                   for i, n in enumerate((T, T_k, T_k)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attention(q, k, v, 0.0, is_causal=causal)
+        assert y.dtype == torch.bfloat16 and y.shape == q.shape
+        qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+        y_ref = F.scaled_dot_product_attention(qf, kf, vf, is_causal=causal)
+        assert (y.float() - y_ref).abs().max() < 0.03
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+        grads = torch.autograd.grad(y.float(), (q, k, v), g)
+        grads_ref = torch.autograd.grad(y_ref, (qf, kf, vf), g)
+        for a, b in zip(grads, grads_ref):
+            assert (a.float() - b).abs().max() < 0.05 * b.abs().max()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = attention(q, k, v, 0.0, is_causal=True)
-        assert F.scaled_dot_product_attention(q, k, v).dtype == torch.bfloat16  # what autocast alone would do
-    assert y.dtype == torch.float32
-    assert torch.equal(y, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True))
+        assert attention(q, k, v, 0.1, is_causal=False).dtype == torch.float32  # dropout: float32 flash
