@@ -144,3 +144,48 @@ def test_bad_setting_is_one_line():
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "n_layer" in lines[0], proc.stderr
+
+
+PAGE_FAULTS_PER_STEP = """
+import resource, sys
+import torch
+import optim, runtime
+from model import GPT, GPTConfig
+from step import train_step
+from batches import Batches
+
+if sys.argv[1] == "setup":
+    runtime.setup("cpu", "float32")  # what train.py, bench.py and sample.py call first
+settings = dict(optim.RECIPES["modern"])
+optimizer = settings.pop("optimizer"), settings.pop("lr_schedule")
+model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, **settings))
+opt = optim.create(model, optimizer[0], 1e-3, 0.1, (0.9, 0.99), "cpu")
+batches = Batches(sys.argv[2], 64, 12, "cpu", 1337)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+ctx = torch.autocast("cpu", dtype=torch.bfloat16)
+for it in range(30):
+    if it == 10:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    train_step(model, opt, scaler, batches, it, 1, ctx, 1.0)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+def test_cpu_training_steps_reuse_freed_memory(char_data):
+    """After runtime.setup on a CPU, a training step gets its activations' memory from the steps before it, not as
+    fresh pages from the kernel (glibc's default there: hundreds of page faults per step at the CPU preset's shapes)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def faults_per_step(mode):
+        proc = subprocess.run([sys.executable, "-c", PAGE_FAULTS_PER_STEP, mode, char_data], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return float(proc.stdout.split()[-1])
+
+    default, kept = faults_per_step("default"), faults_per_step("setup")
+    print(f"page faults per training step: {default:.0f} by glibc's default, {kept:.0f} after runtime.setup")
+    if sys.platform.startswith("linux"):
+        assert kept < default / 10  # (the few left: the memory-mapped data file's pages)
