@@ -7,15 +7,18 @@ step.train_step, with train.py's settings, config files and overrides.
     python bench.py                          # GPT-2 124M (train.py's defaults) on a GPU; the CPU preset on a CPU
     python bench.py config/train_shakespeare_char.py --profile=True     # a torch.profiler trace and the top ops
     python bench.py config/train_shakespeare_char_cpu.py --against=HEAD  # is my edited model.py faster than HEAD's?
+    python bench.py config/train_shakespeare_char_cpu.py --against="--qk_norm=True"  # what does QK-norm cost?
 
 The data is the config's dataset when it is prepared, else synthetic tokens (--vocab_size of them, a note says so).
 The last line is the result: `bench: 12.34 ms/iter, 45,678 tokens/s, mfu 12.3%, peak memory 456.7 MiB (...)`.
-With --against, the step of this model.py and of the other one are timed in turns in one process, and the last line
-is their ratio: a machine whose speed drifts by 20% between runs still shows a 5% change.
+With --against, the step of this model.py and of the other one (or of this one with other settings) are timed in
+turns in one process, and the last line is their ratio: a machine whose speed drifts by 20% between runs still shows
+a 5% change.
 """
 
 import builtins
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,18 +48,31 @@ warmup_steps = 10  # steps run before timing (compilation, allocator and cache w
 num_steps = 20  # timed steps
 profile = False  # instead of timing, record a few steps with torch.profiler and print the top ops
 profile_dir = "bench_profile"  # where the profiler's trace (Chrome / Perfetto JSON) goes
-against = ""  # a git revision (HEAD, main~3) or a path to another model.py: time both in turns and compare
+against = ""  # a git revision (HEAD, main~3), a path to another model.py, or "--key=value ...": time both in turns
 rounds = 10  # with against: timed rounds, num_steps of each model per round, the order alternating
 # -----------------------------------------------------------------------------
 install_error_hook()
+DEFAULTS = dict(globals())  # (configure picks the settings out of a script's globals)
+# what --against="--key=value ..." may change: the model and the optimizer, not the batches both runs share
+AGAINST_KEYS = {"recipe", "n_layer", "n_head", "n_embd", "bias", "dropout", "optimizer", "learning_rate",
+                "weight_decay", "beta1", "beta2", "muon_lr", "muon_momentum", *RECIPE_KEYS}
+
+
+def resolve(argv):
+    """The settings of a run with these arguments, as train.py resolves them: defaults, config files, overrides, then
+    the recipe's settings for what the config and command line did not set."""
+    settings, explicit = configure(dict(DEFAULTS), argv)
+    for k, v in optim.RECIPES[settings["recipe"]].items():
+        if k not in explicit:
+            settings[k] = v
+    return settings
+
+
 argv = sys.argv[1:]
 if not any(not a.startswith("-") for a in argv) and not torch.cuda.is_available() and "--device=cuda" not in argv:
     print(f"no config given and no GPU: timing {CPU_DEFAULT} (name a config to time another)")
     argv = [os.path.join(REPO, CPU_DEFAULT), *argv]
-config, explicit = configure(globals(), argv)
-for k, v in optim.RECIPES[recipe].items():  # train.py's recipe switch: what the config and command line did not set
-    if k not in explicit:
-        globals()[k] = v
+globals().update(resolve(argv))
 
 rt = setup(device, dtype)
 device, device_type, dtype, ctx = rt.device, rt.device_type, rt.dtype, rt.autocast
@@ -123,22 +139,33 @@ def load_model_py(rev_or_path):
     return module
 
 
-def build(module):
-    """module's GPT with this run's settings and seed, its optimizer (constant lr), and the steps it has run."""
+def against_settings(overrides):
+    """This run's settings with --against's "--key=value ..." on top (config files, recipe: as train.py takes them)."""
+    extra = shlex.split(overrides)
+    changed = {a[2:].split("=", 1)[0] for a in extra if a.startswith("--")}
+    if any(not a.startswith("--") for a in extra) or not changed <= AGAINST_KEYS:
+        raise UserError(f"--against={overrides!r}: as settings it may change only the model and optimizer "
+                        f"({', '.join(sorted(AGAINST_KEYS))}); time other shapes or dtypes in a bench.py run of their own")
+    return resolve(argv + extra)
+
+
+def build(module, settings=None, name=""):
+    """module's GPT with this run's settings (or `settings`) and seed, its optimizer (constant lr), its steps run."""
+    s = settings or globals()
     torch.manual_seed(seed)
     try:
-        gpt = module.GPT(module.GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                                          bias=bias, vocab_size=batches.vocab_size or 50304, dropout=dropout,
-                                          **{k: globals()[k] for k in RECIPE_KEYS}))
+        gpt = module.GPT(module.GPTConfig(n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                                          block_size=block_size, bias=s["bias"], dropout=s["dropout"],
+                                          vocab_size=batches.vocab_size or 50304, **{k: s[k] for k in RECIPE_KEYS}))
     except TypeError as e:  # an older model.py without a setting this one has
         raise UserError(f"{module.__file__}: {e}") from None
     if prepared:
         batches.check_vocab(gpt.config.vocab_size)
     gpt.to(device)
-    opt = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
-                       muon_momentum)
+    opt = optim.create(gpt, s["optimizer"], s["learning_rate"], s["weight_decay"], (s["beta1"], s["beta2"]),
+                       device_type, s["muon_lr"], s["muon_momentum"])
     return dict(gpt=gpt, model=torch.compile(gpt) if compiled else gpt, optimizer=opt, iter_num=0, losses=[],
-                name="" if module is model_py else f" of {module.__file__}")
+                name=name or ("" if module is model_py else f" of {module.__file__}"))
 
 
 def run_steps(run, n, prof=None):
@@ -152,7 +179,11 @@ def run_steps(run, n, prof=None):
             prof.step()
 
 
-runs = [build(model_py)] + ([build(load_model_py(against))] if against else [])
+runs = [build(model_py)]
+if against.startswith("--"):  # the same model.py with other settings
+    runs.append(build(model_py, against_settings(against), name=f" with {against}"))
+elif against:
+    runs.append(build(load_model_py(against)))
 gpt, losses = runs[0]["gpt"], runs[0]["losses"]
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
@@ -212,5 +243,6 @@ if against:
     ratios = sorted(a / b for a, b in zip(*seconds))  # this model.py's time over the other's, round by round
     print(f"against {against}: {statistics.median(seconds[1]) * 1000:.2f} ms/iter (its loss: first "
           f"{runs[1]['losses'][0].item():.4f}, final {runs[1]['losses'][-1].item():.4f})")
-    print(f"against {against}: this model.py takes {statistics.median(ratios):.3f}x its time per step (median of "
+    this = "this run" if against.startswith("--") else "this model.py"
+    print(f"against {against}: {this} takes {statistics.median(ratios):.3f}x its time per step (median of "
           f"{rounds} rounds; middle half {ratios[len(ratios) // 4]:.3f}-{ratios[(3 * len(ratios)) // 4]:.3f})")
