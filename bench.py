@@ -62,10 +62,7 @@ def resolve(argv):
     """The settings of a run with these arguments, as train.py resolves them: defaults, config files, overrides, then
     the recipe's settings for what the config and command line did not set."""
     settings, explicit = configure(dict(DEFAULTS), argv)
-    for k, v in optim.RECIPES[settings["recipe"]].items():
-        if k not in explicit:
-            settings[k] = v
-    return settings
+    return {**settings, **optim.recipe_settings(settings["recipe"], explicit)}
 
 
 argv = sys.argv[1:]

@@ -34,6 +34,13 @@ RECIPES = {
 }
 
 
+def recipe_settings(recipe, explicit):
+    """What `recipe` sets in a run: its RECIPES entry, less the keys the run's config files or command line set."""
+    if recipe not in RECIPES:
+        raise UserError(f"recipe={recipe!r} is not one of {', '.join(map(repr, RECIPES))}")
+    return {k: v for k, v in RECIPES[recipe].items() if k not in explicit}
+
+
 def adamw(groups, learning_rate, betas, device_type):
     # fused AdamW is one kernel per step, and it skips the update on device when `found_inf` is set (no host sync)
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")

@@ -129,8 +129,9 @@ def keep_freed_memory():
     Let glibc's malloc keep the memory a training step frees, for the next step. By default it hands blocks over
     128 KiB back to the kernel when freed (unmapped, or trimmed off the heap), so every step's activations come
     back as fresh pages, each a page fault the kernel zeroes: ~2,000 per step at the CPU preset's shapes (its step
-    then takes 0.93x the time on 2 cores; the GPT-2 recipe's, which faults less, about the same). Blocks up to 32 MiB (glibc's most) then come from the heap, which is trimmed only
-    when 1 GiB of it is free: peak memory stays the same. Nothing happens where libc is not glibc (macOS, musl).
+    then takes 0.93x the time on 2 cores; the GPT-2 recipe's, which faults less, about the same). Blocks up to
+    32 MiB (glibc's most) then come from the heap, which is trimmed only when 1 GiB of it is free: peak memory stays
+    the same. Nothing happens where libc is not glibc (macOS, musl).
     """
     import ctypes
 

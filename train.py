@@ -117,11 +117,9 @@ target_val_loss = 0.0  # > 0: stop and save at the first evaluation with val los
 # -----------------------------------------------------------------------------
 install_error_hook()
 config, explicit = configure(globals(), sys.argv[1:])
-if recipe not in optim.RECIPES:
-    raise UserError(f"recipe={recipe!r} is not one of {', '.join(map(repr, optim.RECIPES))}")
-for k, v in optim.RECIPES[recipe].items():  # what the config file and the command line did not set
-    if k not in explicit:
-        globals()[k] = config[k] = v
+recipe_keys = optim.recipe_settings(recipe, explicit)  # what the config file and the command line did not set
+globals().update(recipe_keys)
+config.update(recipe_keys)
 dial = scaling.apply_depth_dial({}, explicit, depth, depth_aspect)  # depth=N: n_layer, n_embd, n_head
 globals().update(dial)
 config.update(dial)

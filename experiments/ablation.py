@@ -57,9 +57,8 @@ def step_seconds(args):
     scope = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3, recipe="gpt2",
                  muon_lr=0.02, **cfg)
     _, explicit = configure(scope, list(args))  # the technique's settings
-    for k, v in optim.RECIPES[scope["recipe"]].items():  # then the recipe's, where the run does not set them
-        if k not in explicit and k != "bias":
-            scope[k] = v
+    # then the recipe's, where the run does not set them
+    scope.update({k: v for k, v in optim.recipe_settings(scope["recipe"], explicit).items() if k != "bias"})
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False,
                           **{k: scope[k] for k in ("rotary", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_head",

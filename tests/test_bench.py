@@ -176,9 +176,9 @@ from batches import Batches
 if sys.argv[1] == "setup":
     runtime.setup("cpu", "float32")  # what train.py, bench.py and sample.py call first
 settings = dict(optim.RECIPES["modern"])
-optimizer = settings.pop("optimizer"), settings.pop("lr_schedule")
+optimizer, _ = settings.pop("optimizer"), settings.pop("lr_schedule")
 model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, **settings))
-opt = optim.create(model, optimizer[0], 1e-3, 0.1, (0.9, 0.99), "cpu")
+opt = optim.create(model, optimizer, 1e-3, 0.1, (0.9, 0.99), "cpu")
 batches = Batches(sys.argv[2], 64, 12, "cpu", 1337)
 scaler = torch.amp.GradScaler("cpu", enabled=False)
 ctx = torch.autocast("cpu", dtype=torch.bfloat16)
