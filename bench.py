@@ -33,7 +33,7 @@ import optim
 from checkpoint import RECIPE_KEYS
 from configurator import configure, script_settings
 import model as model_py
-from runtime import UserError, can_compile, install_error_hook, peak_flops, setup, synchronize
+from runtime import UserError, can_compile, compile_model, install_error_hook, peak_flops, setup, synchronize
 from step import seed_iteration, train_step
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -161,7 +161,8 @@ def build(module, settings=None, name=""):
     gpt.to(device)
     opt = optim.create(gpt, s["optimizer"], s["learning_rate"], s["weight_decay"], (s["beta1"], s["beta2"]),
                        device_type, s["muon_lr"], s["muon_momentum"])
-    return dict(gpt=gpt, model=torch.compile(gpt) if compiled else gpt, optimizer=opt, iter_num=0, losses=[],
+    model = compile_model(gpt, device_type) if compiled else gpt
+    return dict(gpt=gpt, model=model, optimizer=opt, iter_num=0, losses=[],
                 name=name or ("" if module is model_py else f" of {module.__file__}"))
 
 

@@ -48,7 +48,7 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
     The module to train: gpt (changed in place) with activation checkpointing, torch.compile and, under torchrun,
     DDP or FSDP2. The order is torchtitan's: checkpointing, then compile, then sharding.
     """
-    from runtime import UserError
+    from runtime import UserError, compile_model
 
     if parallelism not in ("ddp", "fsdp"):
         raise UserError(f"unknown parallelism '{parallelism}': use ddp or fsdp")
@@ -59,7 +59,7 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
     if activation_checkpointing:
         checkpoint_blocks(gpt)
     if not fsdp:
-        model = torch.compile(gpt) if compile else gpt
+        model = compile_model(gpt, rt.device_type) if compile else gpt
         if rt.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -75,7 +75,7 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
     blocks = gpt.transformer.h
     for i, block in enumerate(blocks):
         if compile:  # per Block: FSDP's hooks between Blocks are graph breaks
-            block = torch.compile(block)
+            block = compile_model(block, rt.device_type)
             blocks[i] = block
         # the last Block's weights are gathered again at once by backward: keep them
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)

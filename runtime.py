@@ -145,8 +145,26 @@ def keep_freed_memory():
 
 
 def can_compile(device_type):
-    """torch.compile works on CUDA and CPU (it needs a C compiler there); not on MPS or Windows yet."""
-    return device_type in ("cuda", "cpu") and sys.platform != "win32"
+    """torch.compile works on CUDA and on a CPU with a C++ compiler; not on MPS or Windows yet."""
+    if device_type == "cpu":
+        import shutil
+
+        return sys.platform != "win32" and any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "clang++"))
+    return device_type == "cuda" and sys.platform != "win32"
+
+
+def compile_model(module, device_type):
+    """
+    torch.compile(module), and on a CPU bit for bit the same every run, as eager mode is (resume relies on it).
+    Inductor adds up the embedding's gradient rows with atomic adds from parallel threads there, whose order, and so
+    the float rounding, changes from run to run; with deterministic algorithms on it calls ATen's ordered kernel
+    instead (the CPU preset's step: the same time, measured). That mode would also fill every torch.empty with NaN,
+    which only a search for uninitialized reads needs: left off.
+    """
+    if device_type == "cpu":
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    return torch.compile(module)
 
 
 # ----------------------------------------------------------------------------- distributed (torchrun)

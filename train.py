@@ -178,7 +178,9 @@ gpt = model  # the plain module: its state_dict has no torch.compile or DDP pref
 frz = (freeze_layers, unfreeze_every, freeze_train_head)  # the trainable set at step k: freeze.py
 freeze.freeze(gpt, *frz, 0, world_size)  # requires_grad, before DDP/FSDP wrap it and the optimizer is built
 fsdp = parallelism == "fsdp" and world_size > 1  # FSDP2 shards gpt's weights in place
-model = parallel.wrap(gpt, rt, parallelism, compile and can_compile(device_type), activation_checkpointing)
+compiled = compile and can_compile(device_type)
+model = parallel.wrap(gpt, rt, parallelism, compiled, activation_checkpointing)
+# a CPU evaluates with the plain module: compiling the no-grad graph too would cost more than all its evals save
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 needs loss scaling
 optimizer = optim.create(gpt, optimizer, learning_rate, weight_decay, (beta1, beta2), device_type, muon_lr,
                          muon_momentum, parallelism)  # the setting's name now holds the optimizer
@@ -199,7 +201,7 @@ globals().update(horizon)
 config.update(horizon)
 peak, peak_source = peak_flops(device, dtype)
 run_log = RunLog(config, gpt, batches.meta, rt, iter_num, tokens_per_iter, (peak, peak_source),
-                 compile and can_compile(device_type), wandb_run_id)  # prints the run's header
+                 compiled, wandb_run_id)  # prints the run's header
 
 
 def get_lr(it):
@@ -249,7 +251,8 @@ loop_start = t0  # for max_seconds
 while True:
     out_of_time = max_seconds > 0 and time.time() - loop_start >= max_seconds  # then evaluate, save and stop
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only or out_of_time:
-        losses = estimate_loss(model, batches, eval_iters, ctx, world_size, run_log.token_bytes)
+        losses = estimate_loss(gpt if device_type == "cpu" else model, batches, eval_iters, ctx, world_size,
+                               run_log.token_bytes)
         if eval_only:
             run_log.eval(iter_num, losses, min(best_val_loss, losses["val"]))
             break

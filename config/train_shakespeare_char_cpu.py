@@ -37,4 +37,6 @@ qk_norm = False
 x0_mix = False
 
 device = "cpu"
-compile = False
+# torch.compile fuses the small ops between the matmuls: a step takes ~0.65x the time of eager mode. The first run
+# on a machine compiles for ~12 s (g++, cached on disk by Inductor); later runs load the kernels in ~2 s.
+compile = True

@@ -7,9 +7,10 @@ import os
 import re
 
 from conftest import run
-from runtime import pick_dtype
+from runtime import can_compile, pick_dtype
 
 AUTO = pick_dtype("auto", "cpu")  # bfloat16 on CPUs with native bfloat16, else float32
+PRESET_COMPILE = "on" if can_compile("cpu") else "off"  # the CPU preset compiles where there is a C++ compiler
 
 TINY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
               "--block_size=32", "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2",
@@ -48,11 +49,11 @@ def test_synthetic_data_with_accumulation():
 
 
 def test_a_train_config_is_timed_as_it_trains(char_data):
-    """The CPU preset's shapes, batch and data, as train.py would run them (fewer steps)."""
+    """The CPU preset's shapes, batch, data and torch.compile, as train.py would run them (fewer steps)."""
     proc = run("bench.py", "config/train_shakespeare_char_cpu.py", f"--dataset={char_data}", "--warmup_steps=1",
                "--num_steps=3")
     out = proc.stdout
-    assert f"0.79M parameters | cpu {AUTO} | compile off | 768 tokens per iteration" in out, out  # 12 x 64 x 1
+    assert f"0.79M parameters | cpu {AUTO} | compile {PRESET_COMPILE} | 768 tokens per iteration" in out, out  # 12 x 64 x 1
     assert f"{char_data} (vocab 65)" in out
     ms, tok_s, mfu, mib, _, _ = parse(out)
     check_rates(ms, tok_s, 12 * 64)
@@ -64,7 +65,7 @@ def test_no_config_on_a_cpu_times_the_cpu_preset(tmp_path):
     out = proc.stdout
     assert "no config given and no GPU: timing config/train_shakespeare_char_cpu.py" in out
     assert "no_such_data is not prepared: timing synthetic tokens (vocab 65)" in out
-    assert f"0.79M parameters | cpu {AUTO} | compile off | 768 tokens per iteration" in out, out
+    assert f"0.79M parameters | cpu {AUTO} | compile {PRESET_COMPILE} | 768 tokens per iteration" in out, out
     parse(out)
 
 

@@ -173,3 +173,44 @@ def test_cpu_bfloat16_autocast_attention_is_flash_attention_in_value_and_gradien
             assert (a.float() - b).abs().max() < 0.05 * b.abs().max()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention(q, k, v, 0.1, is_causal=False).dtype == torch.float32  # dropout: float32 flash
+
+
+def test_cpu_compiled_training_matches_eager_and_repeats_bit_for_bit():
+    """runtime.compile_model on a CPU, as the CPU preset trains: the loss and gradients of eager mode (to bfloat16
+    rounding), and the same bits on every step, as eager mode gives (resume relies on it). Without deterministic
+    algorithms Inductor adds the embedding's gradient rows with atomic adds from parallel threads, in a new order
+    each time."""
+    from runtime import autocast, compile_model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, bias=False, rotary=True,
+                        rmsnorm=True, relu2=True, tie_head=False, logit_softcap=15.0))
+    for p in gpt.parameters():  # zero_init's zeros would leave most gradients zero
+        torch.nn.init.normal_(p, std=0.1)
+    idx = torch.randint(65, (12, 65), generator=torch.Generator().manual_seed(3))
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def loss_and_grads(model):
+        gpt.zero_grad(set_to_none=True)
+        with autocast("cpu", "bfloat16"):
+            _, loss = model(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in gpt.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads(gpt)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        compiled = compile_model(gpt, "cpu")
+        runs = [loss_and_grads(compiled) for _ in range(6)]
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch._dynamo.reset()
+    loss, grads = runs[0]
+    assert abs(loss.item() - eager_loss.item()) < 1e-2, (loss, eager_loss)
+    for name, g in grads.items():
+        scale = eager_grads[name].abs().max().item()
+        assert scale > 0 and (g - eager_grads[name]).abs().max().item() < 0.05 * scale, name
+    for later_loss, later_grads in runs[1:]:
+        assert torch.equal(later_loss, loss)
+        for name, g in grads.items():
+            assert torch.equal(later_grads[name], g), f"{name}: the compiled backward gave other bits this time"
