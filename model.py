@@ -61,14 +61,10 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)
-        y = xf * rstd
+        y, rstd = rms_normalize(x)
         ctx.save_for_backward(y, rstd)
         ctx.input_dtype = x.dtype
-        # under autocast the result stays float32 (autocast's policy for norms): normed queries and keys then go
-        # through rotary into attention without a round trip through bfloat16
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return rms_output(y, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -77,7 +73,22 @@ class RMSNormFunction(torch.autograd.Function):
         return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(ctx.input_dtype)
 
 
+def rms_normalize(x):
+    """(x / rms(x), 1 / rms(x)) over the last dim, in float32 (float64 stays)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(xf.dtype).eps)
+    return xf * rstd, rstd
+
+
+def rms_output(y, x):
+    # under autocast the result stays float32 (autocast's policy for norms): normed queries and keys then go
+    # through rotary into attention without a round trip through bfloat16
+    return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
 def rms_norm(x):
+    if torch.compiler.is_compiling():  # Inductor derives and fuses the backward itself, and a graph with a custom
+        return rms_output(rms_normalize(x)[0], x)  # autograd.Function misses AOTAutograd's disk cache (~1.5 s a run)
     return RMSNormFunction.apply(x)
 
 
@@ -232,6 +243,10 @@ class GPT(nn.Module):
             ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.rotary:  # the tables once, not per forward (compiled, each layer's kernel would recompute cos/sin)
+            cos, sin = rotary(torch.arange(config.block_size), config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs): not in checkpoints
+            self.register_buffer("rope_sin", sin, persistent=False)
         if config.tie_head:  # weight tying: the output projection is the token embedding
             # (https://paperswithcode.com/method/weight-tying)
             self.transformer.wte.weight = self.lm_head.weight
@@ -268,7 +283,7 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = rotary(pos, self.config.n_embd // self.config.n_head) if self.config.rotary else None
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.config.rotary else None
         if rope is None:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)

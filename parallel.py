@@ -63,7 +63,8 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
         if rt.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+            model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                        broadcast_buffers=False)  # the only buffers, rotary's tables, never change
         return model
 
     from torch.distributed.device_mesh import init_device_mesh
