@@ -105,10 +105,11 @@ def main():
     results = {}
     for name in names:
         extra = RUNS[name]
+        # uncompiled, as step_seconds times it: compiling would take a varying share of each run's budget
         steps = max(20, int(0.9 * a.seconds / step_seconds(extra)))
         out_dir = os.path.join(a.out, name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus"))
         cmd = [sys.executable, "train.py", PRESET, f"--dataset={a.dataset}", f"--out_dir={out_dir}", "--overwrite=True",
-               "--recipe=gpt2", *extra, f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+               "--recipe=gpt2", "--compile=False", *extra, f"--max_iters={steps}", f"--lr_decay_iters={steps}",
                f"--warmup_iters={min(100, steps // 10)}", f"--eval_interval={max(1, steps // 5)}", "--eval_iters=10",
                f"--max_seconds={a.seconds}", "--sample_interval=0", f"--log_interval={max(1, steps // 10)}",
                f"--seed={a.seed}"]
