@@ -25,7 +25,7 @@ from collections import deque
 
 import torch
 
-from runtime import UserError
+from runtime import UserError, why_not_compile
 from tokenizer import load_tokenizer
 
 METRICS, PLOT = "metrics.jsonl", "loss.png"
@@ -372,9 +372,7 @@ class RunLog:
                   f"freeze_layers={c.get('freeze_layers')}, unfreeze_every={c.get('unfreeze_every')}")
         how = f" ({c.get('parallelism', 'ddp')})" if rt.world_size > 1 else ""
         how += ", activation checkpointing" if c.get("activation_checkpointing") else ""
-        compile_state = "on" if compiled else "off" if not c.get("compile") else \
-            "off (a CPU needs a C++ compiler for it: install g++ or set CXX)" if rt.device_type == "cpu" else \
-            f"off (not available on {rt.device_type})"
+        compile_state = "on" if compiled else f"off ({why_not_compile(rt.device_type)})" if c.get("compile") else "off"
         print(f"device: {rt.device} {rt.dtype}, compile {compile_state}, {rt.world_size} process(es){how}, "
               f"MFU against {peak / 1e12:.3g} TFLOP/s ({peak_source})")
 

@@ -144,13 +144,25 @@ def keep_freed_memory():
     mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def can_compile(device_type):
-    """torch.compile works on CUDA and on a CPU with a C++ compiler; not on MPS or Windows yet."""
+def why_not_compile(device_type):
+    """Why torch.compile cannot run here, in a few words, or None where it can: CUDA, or a CPU with a C++ compiler
+    (and, on Linux, Python's headers, which Inductor's CPU kernels include). Not MPS or Windows yet."""
+    if sys.platform == "win32" or device_type not in ("cuda", "cpu"):
+        return f"not available on {'Windows' if sys.platform == 'win32' else device_type}"
     if device_type == "cpu":
         import shutil
+        import sysconfig
 
-        return sys.platform != "win32" and any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "clang++"))
-    return device_type == "cuda" and sys.platform != "win32"
+        if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "clang++")):
+            return "a CPU needs a C++ compiler for it: install g++ or set CXX"
+        headers = sysconfig.get_path("include")
+        if sys.platform == "linux" and not os.path.isfile(os.path.join(headers, "Python.h")):
+            return f"a CPU needs Python's headers for it, not in {headers}: install python3-dev"
+    return None
+
+
+def can_compile(device_type):
+    return why_not_compile(device_type) is None
 
 
 def compile_model(module, device_type):

@@ -107,6 +107,17 @@ def warnings_of(stdout, out_dir):
     return kept
 
 
+def test_compile_without_a_compiler_trains_uncompiled_and_says_why(char_data, tmp_path):
+    """--compile=True on a CPU with no C++ compiler on PATH (nor CXX): the run trains eagerly, and its header says
+    what is missing instead of the first step failing deep inside Inductor."""
+    proc = run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path / 'out'}", "--compile=True",
+               "--max_iters=2", "--eval_interval=2", "--sample_interval=0",
+               env={"PATH": str(tmp_path), "CXX": "no-such-compiler"})
+    assert re.search(r"^device: cpu float32, compile off \(a CPU needs a C\+\+ compiler for it: install g\+\+ or "
+                     r"set CXX\), 1 process", proc.stdout, re.M), proc.stdout
+    assert "step 2: train loss" in proc.stdout
+
+
 def test_the_doctor_is_silent_on_healthy_runs(runs):
     for out, stdout in runs.values():
         assert warnings_of(stdout, out) == []
