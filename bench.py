@@ -33,7 +33,8 @@ import optim
 from checkpoint import RECIPE_KEYS
 from configurator import configure, script_settings
 import model as model_py
-from runtime import UserError, can_compile, compile_model, install_error_hook, peak_flops, setup, synchronize
+from runtime import (UserError, can_compile, compile_model, install_error_hook, peak_flops, setup, synchronize,
+                     why_not_compile)
 from step import seed_iteration, train_step
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -184,7 +185,8 @@ elif against:
     runs.append(build(load_model_py(against)))
 gpt, losses = runs[0]["gpt"], runs[0]["losses"]
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {'on' if compiled else 'off'} | "
+compile_state = "on" if compiled else f"off ({why_not_compile(device_type)})" if compile else "off"
+print(f"{gpt.get_num_params() / 1e6:.2f}M parameters | {device} {dtype} | compile {compile_state} | "
       f"{tokens_per_iter:,} tokens per iteration | {data_name}")
 
 for run in runs:

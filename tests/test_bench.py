@@ -7,10 +7,10 @@ import os
 import re
 
 from conftest import run
-from runtime import can_compile, pick_dtype
+from runtime import pick_dtype, why_not_compile
 
 AUTO = pick_dtype("auto", "cpu")  # bfloat16 on CPUs with native bfloat16, else float32
-PRESET_COMPILE = "on" if can_compile("cpu") else "off"  # the CPU preset compiles where there is a C++ compiler
+PRESET_COMPILE = f"off ({why_not_compile('cpu')})" if why_not_compile("cpu") else "on"  # the CPU preset compiles
 
 TINY_BENCH = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
               "--block_size=32", "--batch_size=4", "--warmup_steps=2", "--num_steps=8", "--learning_rate=1e-2",
