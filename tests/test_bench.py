@@ -70,7 +70,7 @@ def test_no_config_on_a_cpu_times_the_cpu_preset(tmp_path):
 
 
 def test_cpu_bfloat16_trains(char_data):
-    """bfloat16 autocast on the CPU (attention written out in bfloat16 there, model.attention): the loss falls as in
+    """bfloat16 autocast on the CPU (attention written out in bfloat16 there, kernels.attention): the loss falls as in
     float32. At TINY_BENCH's lr of 1e-2 the preset's AdamW makes single-step losses jump by 0.1 from step 10 on in
     float32 itself, and the two dtypes' last losses land apart by that much; at 3e-3 the training is smooth."""
     losses = {}

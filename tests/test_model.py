@@ -150,12 +150,12 @@ def test_generate_under_bfloat16_autocast_matches_full_recompute():
 
 
 def test_cpu_bfloat16_autocast_attention_is_flash_attention_in_value_and_gradient():
-    """model.attention under CPU bfloat16 autocast (written out in bfloat16 there): the same attention as float32
+    """kernels.attention under CPU bfloat16 autocast (written out in bfloat16 there): the same attention as float32
     flash, causal over a sequence and for one new query against cached keys, values and gradients within bfloat16's
     rounding; with dropout it still runs float32 flash."""
     from torch.nn import functional as F
 
-    from model import attention
+    from kernels import attention
 
     for T, T_k, causal in ((8, 8, True), (1, 8, False)):
         q, k, v = (torch.randn(2, 3, n, 16, generator=torch.Generator().manual_seed(i)).bfloat16().requires_grad_()

@@ -13,7 +13,8 @@ import model as model_module
 import optim
 from batches import Batches
 from conftest import TINY, run
-from model import GPT, GPTConfig, apply_rotary, rms_norm, rotary
+from kernels import rms_norm
+from model import GPT, GPTConfig, apply_rotary, rotary
 from runtime import UserError, autocast
 from step import train_step
 
@@ -57,7 +58,7 @@ def test_modern_model_has_no_position_table_biases_or_gains_and_an_untied_head()
 
 
 def test_rms_norm_is_torch_rms_norm_in_value_and_gradient():
-    """model.rms_norm (hand-written backward) against F.rms_norm and autograd; float32 out under bf16 autocast."""
+    """kernels.rms_norm (hand-written backward) against F.rms_norm and autograd; float32 out under bf16 autocast."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
     ref, got = F.rms_norm(x, (16,)), rms_norm(x)
