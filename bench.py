@@ -17,6 +17,7 @@ a 5% change.
 """
 
 import builtins
+import importlib
 import os
 import shlex
 import statistics
@@ -28,14 +29,14 @@ import types
 import numpy as np
 import torch
 
-from batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
-import optim
-from checkpoint import RECIPE_KEYS
-from configurator import configure, script_settings
 import model as model_py
-from runtime import (UserError, can_compile, compile_model, install_error_hook, peak_flops, setup, synchronize,
-                     why_not_compile)
-from step import seed_iteration, train_step
+from configurator import configure, script_settings
+from lib import optim
+from lib.batches import SPLITS, TRAIN_STEP, Batches, dataset_dir
+from lib.checkpoint import RECIPE_KEYS
+from lib.runtime import (UserError, can_compile, compile_model, install_error_hook, peak_flops, setup, synchronize,
+                         why_not_compile)
+from lib.step import seed_iteration, train_step
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 CPU_DEFAULT = "config/train_shakespeare_char_cpu.py"  # GPT-2 124M takes seconds per step on a CPU: time this there
@@ -133,7 +134,14 @@ def load_model_py(rev_or_path):
         source, name = git.stdout, f"{rev_or_path}:model.py"
     module = sys.modules["model_against"] = types.ModuleType("model_against")  # dataclasses look it up there
     module.__file__ = name
-    exec(builtins.compile(source, name, "exec"), module.__dict__)  # (compile is a setting here)
+    # a model.py from before lib/ existed imports its helpers as top-level modules (kernels, optim): alias them
+    legacy = {m: importlib.import_module(f"lib.{m}") for m in ("kernels", "optim") if m not in sys.modules}
+    sys.modules.update(legacy)
+    try:
+        exec(builtins.compile(source, name, "exec"), module.__dict__)  # (compile is a setting here)
+    finally:
+        for m in legacy:
+            del sys.modules[m]
     return module
 
 

@@ -12,10 +12,9 @@ import sys
 
 import torch
 
-import checkpoint
-import hellaswag
 from configurator import configure
-from runtime import UserError, install_error_hook, setup
+from lib import checkpoint, hellaswag
+from lib.runtime import UserError, install_error_hook, setup
 
 # ----------------------------------------------------------------------------- settings
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder

@@ -18,11 +18,11 @@ import sys
 
 import torch
 
-import checkpoint
-from batches import checkpoint_meta
 from configurator import configure
+from lib import checkpoint
+from lib.batches import checkpoint_meta
+from lib.runtime import UserError, install_error_hook
 from model import CONV1D_WEIGHTS, GPTConfig
-from runtime import UserError, install_error_hook
 
 # ----------------------------------------------------------------------------- settings
 out_dir = "out"
@@ -129,7 +129,7 @@ hf_logging.disable_progress_bar()
 eot, dropout = (GPT2_VOCAB - 1 if is_gpt2 else None), args.get("dropout", 0.0)
 own_tokenizer = str(meta.get("tokenizer", "")).startswith("hf:") and "tokenizer_json" in meta  # train_tokenizer.py's
 if own_tokenizer:
-    from tokenizer import load_tokenizer  # noqa: E402
+    from lib.tokenizer import load_tokenizer  # noqa: E402
 
     eot = load_tokenizer(meta).eot
 try:

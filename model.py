@@ -1,5 +1,6 @@
 """
-The GPT language model, in one file, read top to bottom.
+The GPT language model, in one file, read top to bottom. Two of its ops have fast versions in lib/kernels.py
+(RMSNorm with its backward written out, attention under CPU bfloat16 autocast); everything else is here.
 
 Parameter names follow OpenAI's GPT-2 (wte, wpe, c_attn, c_proj, ln_f) so that
 checkpoints convert key by key. References:
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from kernels import attention, rms_norm  # RMSNorm's backward written out; attention under CPU bfloat16 autocast
+from lib.kernels import attention, rms_norm  # fast forms of two ops (see the docstring)
 
 
 @dataclass
@@ -282,7 +283,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices only (optim.py also has Muon and the lr schedules)."""
-        import optim
+        from lib import optim
 
         return optim.create(self, "adamw", learning_rate, weight_decay, betas, device_type)
 

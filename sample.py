@@ -19,10 +19,10 @@ import time
 import torch
 from tqdm import tqdm
 
-import checkpoint
 from configurator import configure
-from runtime import UserError, install_error_hook, setup
-from tokenizer import load_tokenizer
+from lib import checkpoint
+from lib.runtime import UserError, install_error_hook, setup
+from lib.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
 init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder

@@ -1,5 +1,5 @@
 """
-Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP, or FSDP2 with --parallelism=fsdp: parallel.py).
+Train a GPT, on one CPU or GPU or on many GPUs with torchrun (DDP, or FSDP2 with --parallelism=fsdp: lib/parallel.py).
 
     python train.py config/train_shakespeare_char.py              # one device
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
@@ -17,18 +17,13 @@ import time
 
 import torch
 
-import checkpoint
-import freeze
-import hellaswag
-import optim
-import parallel
-import scaling
-from batches import Batches, dataset_dir
 from configurator import configure
-from metrics import RunLog, mean_over_ranks
+from lib import checkpoint, freeze, hellaswag, optim, parallel, scaling
+from lib.batches import Batches, dataset_dir
+from lib.metrics import RunLog, mean_over_ranks
+from lib.runtime import UserError, can_compile, install_error_hook, peak_flops, setup
+from lib.step import StopSignal, estimate_loss, seed_iteration, train_step
 from model import GPT, GPTConfig
-from runtime import UserError, can_compile, install_error_hook, peak_flops, setup
-from step import StopSignal, estimate_loss, seed_iteration, train_step
 
 # ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
 # I/O
@@ -83,7 +78,7 @@ sample_tokens = 100  # the length of those samples, in tokens
 hellaswag_interval = 0  # HellaSwag accuracy every this many steps, on GPT-2 BPE runs (0: never)
 hellaswag_file = ""  # hellaswag_val.jsonl ('': downloaded once into data/hellaswag/)
 hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
-# many processes and big models (parallel.py)
+# many processes and big models (lib/parallel.py)
 parallelism = "ddp"  # under torchrun: 'ddp' (a full copy per GPU) or 'fsdp' (FSDP2: weights, grads, AdamW sharded)
 activation_checkpointing = False  # recompute each Block in backward: less activation memory, ~1/3 more compute
 total_batch_size = 0  # tokens per optimizer step over all ranks; sets gradient_accumulation_steps (0: off)

@@ -48,10 +48,10 @@ def step_seconds(args):
     """Seconds per training step of the preset with these settings, timed here (a few steps after a warm-up)."""
     import torch
 
-    import optim
     from configurator import configure
+    from lib import optim
+    from lib.runtime import autocast, pick_dtype
     from model import GPT, GPTConfig
-    from runtime import autocast, pick_dtype
 
     cfg = {k: v for k, v in optim.RECIPES["gpt2"].items()}
     scope = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, learning_rate=1e-3, recipe="gpt2",

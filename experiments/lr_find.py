@@ -27,12 +27,12 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import scaling  # noqa: E402
-from batches import Batches, dataset_dir  # noqa: E402
 from configurator import configure, script_settings  # noqa: E402
+from lib import scaling  # noqa: E402
+from lib.batches import Batches, dataset_dir  # noqa: E402
+from lib.runtime import UserError, install_error_hook, setup  # noqa: E402
+from lib.step import seed_iteration, train_step  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import UserError, install_error_hook, setup  # noqa: E402
-from step import seed_iteration, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 globals().update(script_settings(os.path.join(REPO, "train.py")))  # train.py's, with its defaults

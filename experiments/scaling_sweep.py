@@ -27,7 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import scaling  # noqa: E402
+from lib import scaling  # noqa: E402
 
 
 def non_embedding_params(depth, aspect, vocab_size=65, block_size=64):
@@ -115,7 +115,7 @@ def main():
     given = {a.split("=")[0] for a in extra}
     extra = [a for a in defaults if a.split("=")[0] not in given] + extra
     args.block_size = int(next(a for a in extra if a.startswith("--block_size=")).split("=")[1])
-    from batches import dataset_dir, load_meta
+    from lib.batches import dataset_dir, load_meta
 
     args.vocab = load_meta(dataset_dir(args.dataset))["vocab_size"]
     os.makedirs(args.out_dir, exist_ok=True)

@@ -16,6 +16,10 @@ TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--
         "--learning_rate=1e-3", "--min_lr=1e-4"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")
+
+
 def shakespeare_path():
     """The tiny Shakespeare corpus: $TINY_SHAKESPEARE, data/shakespeare_char/input.txt, or ../shared's copy."""
     for path in (os.environ.get("TINY_SHAKESPEARE"), os.path.join(REPO, "data", "shakespeare_char", "input.txt"),

@@ -7,7 +7,7 @@ import os
 import re
 
 from conftest import run
-from runtime import pick_dtype, why_not_compile
+from lib.runtime import pick_dtype, why_not_compile
 
 AUTO = pick_dtype("auto", "cpu")  # bfloat16 on CPUs with native bfloat16, else float32
 PRESET_COMPILE = f"off ({why_not_compile('cpu')})" if why_not_compile("cpu") else "on"  # the CPU preset compiles
@@ -169,10 +169,10 @@ def test_bad_setting_is_one_line():
 PAGE_FAULTS_PER_STEP = """
 import resource, sys
 import torch
-import optim, runtime
+from lib import optim, runtime
 from model import GPT, GPTConfig
-from step import train_step
-from batches import Batches
+from lib.step import train_step
+from lib.batches import Batches
 
 if sys.argv[1] == "setup":
     runtime.setup("cpu", "float32")  # what train.py, bench.py and sample.py call first

@@ -2,8 +2,8 @@
 
 import pytest
 
-from conftest import REPO, run
 from configurator import ConfigError, configure
+from conftest import REPO, run
 
 
 def defaults():

@@ -1,5 +1,5 @@
 """
-The data pipeline (data/pipeline.py, data/text/prepare.py) on small local .txt, .jsonl and .parquet corpora written
+The data pipeline (lib/corpus.py, data/text/prepare.py) on small local .txt, .jsonl and .parquet corpora written
 here, and what train.py and sample.py do with its output and with older or broken data folders. CPU, no network.
 """
 
@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from batches import Batches, load_meta
 from conftest import REPO, TINY, run
+from lib.batches import Batches, load_meta
 
 SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):

@@ -7,8 +7,8 @@ import subprocess
 import sys
 import time
 
-import checkpoint
 from conftest import REPO, TINY
+from lib import checkpoint
 
 
 def torchrun(*args):
@@ -165,7 +165,7 @@ def test_checkpoints_resume_across_world_sizes(reference, fsdp_run, char_data, t
 MEMORY_PROBE = """
 import resource, sys
 import torch
-import parallel
+from lib import parallel
 from model import GPT, GPTConfig
 torch.manual_seed(0)
 gpt = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=256, vocab_size=65, bias=False, dropout=0.0))
@@ -179,7 +179,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
 def test_activation_checkpointing_same_loss_and_grads_less_memory():
-    import parallel
+    from lib import parallel
     from model import GPT, GPTConfig
 
     results = []
@@ -235,8 +235,8 @@ def test_two_nodes_match_one_process(reference, char_data, tmp_path):
 
 
 def test_total_batch_size_fixes_the_tokens_per_step_whatever_the_world_size(reference, char_data, tmp_path):
-    import parallel
-    from runtime import UserError
+    from lib import parallel
+    from lib.runtime import UserError
 
     assert parallel.accumulation(256, 99, 4, 32, 1) == 2 and parallel.accumulation(256, 99, 4, 32, 2) == 1
     assert parallel.accumulation(0, 4, 4, 32, 2) == 2  # off: gradient_accumulation_steps as before
@@ -264,8 +264,8 @@ def sharded_run(char_data, tmp_path_factory):
 
 
 def convert(*args):
-    """python checkpoint.py convert SRC DST: one process, no torch.distributed."""
-    return subprocess.run([sys.executable, "checkpoint.py", "convert", *args], cwd=REPO, capture_output=True, text=True,
+    """python -m lib.checkpoint convert SRC DST: one process, no torch.distributed."""
+    return subprocess.run([sys.executable, "-m", "lib.checkpoint", "convert", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -320,9 +320,9 @@ def test_sharded_checkpoints_resume_at_any_world_size(reference, sharded_run, ch
 def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     """A kill while ckpt.dcp.tmp is written leaves ckpt.dcp; one between the two renames of the swap leaves only
     ckpt.dcp.old, which load reads; the next save removes both leftovers."""
-    import parallel
+    from lib import parallel
+    from lib.runtime import UserError
     from model import GPT, GPTConfig
-    from runtime import UserError
 
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=65, bias=False, dropout=0.0)
     gpt = GPT(GPTConfig(**args))

@@ -2,17 +2,14 @@
 your own BPE tokenizer, and finetuning with frozen layers (issue 13)."""
 
 import json
-import os
 import re
 
 import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import freeze
-import scaling
 from conftest import TINY, run
+from lib import checkpoint, freeze, scaling
 from model import GPT, GPTConfig
 
 
@@ -128,8 +125,8 @@ def bpe_data(tmp_path_factory, shakespeare_input):
 
 
 def test_own_tokenizer_round_trips(bpe_data):
-    from batches import load_meta
-    from tokenizer import load_tokenizer
+    from lib.batches import load_meta
+    from lib.tokenizer import load_tokenizer
 
     meta = load_meta(str(bpe_data))
     assert meta["tokenizer"].startswith("hf:") and meta["vocab_size"] == 400

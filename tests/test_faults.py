@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-from batches import Batches
 from conftest import REPO, TINY, run
+from lib import checkpoint
+from lib.batches import Batches
+from lib.runtime import autocast
+from lib.step import train_step
 from model import GPT, GPTConfig
-from runtime import autocast
-from step import train_step
 
 SAVER = """
-import sys, torch, checkpoint
+import sys, torch
+from lib import checkpoint
 out_dir = sys.argv[1]
 for i in range(1, 10**6):  # ever-new states of ~16 MB, each one all i
     checkpoint.save({"model": {"w": torch.full((4_000_000,), float(i))}, "model_args": {}, "iter_num": i}, out_dir,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-import checkpoint
-from batches import load_meta
 from conftest import REPO, TINY, run
+from lib import checkpoint
+from lib.batches import load_meta
+from lib.runtime import UserError
 from model import GPT, GPTConfig
-from runtime import UserError
 
 SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):

@@ -15,11 +15,10 @@ import torch
 from torch.nn import functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import checkpoint
-import hellaswag
 from conftest import REPO, TINY, run
+from lib import checkpoint, hellaswag
+from lib.runtime import UserError
 from model import GPT, GPTConfig
-from runtime import UserError
 
 SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
@@ -173,7 +172,8 @@ def test_ranks_share_the_examples(val_file, enc):
 RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-import checkpoint, hellaswag, runtime, tiktoken
+import tiktoken
+from lib import checkpoint, hellaswag, runtime
 rt = runtime.setup("cpu", "float32", distributed=True)
 model, _ = checkpoint.load_for_inference("resume", sys.argv[1])
 result = hellaswag.evaluate(model, hellaswag.load_examples(sys.argv[2]), tiktoken.get_encoding("gpt2").encode_ordinary,

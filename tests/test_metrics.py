@@ -11,13 +11,13 @@ import struct
 import pytest
 import torch
 
-import checkpoint
-from batches import Batches
 from conftest import TINY, run
-from metrics import Doctor, MetricsFile
+from lib import checkpoint
+from lib.batches import Batches
+from lib.metrics import Doctor, MetricsFile
+from lib.runtime import autocast
+from lib.step import estimate_loss
 from model import GPT, GPTConfig
-from runtime import autocast
-from step import estimate_loss
 
 COMMON = ["--eval_interval=4", "--lr_decay_iters=12", "--dropout=0.1", "--sample_interval=4", "--sample_tokens=20"]
 STEP_FIELDS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "clipped", "clip_steps", "ms_per_iter", "tok_per_s",

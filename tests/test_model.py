@@ -155,7 +155,7 @@ def test_cpu_bfloat16_autocast_attention_is_flash_attention_in_value_and_gradien
     rounding; with dropout it still runs float32 flash."""
     from torch.nn import functional as F
 
-    from kernels import attention
+    from lib.kernels import attention
 
     for T, T_k, causal in ((8, 8, True), (1, 8, False)):
         q, k, v = (torch.randn(2, 3, n, 16, generator=torch.Generator().manual_seed(i)).bfloat16().requires_grad_()
@@ -180,7 +180,7 @@ def test_cpu_compiled_training_matches_eager_and_repeats_bit_for_bit():
     rounding), and the same bits on every step, as eager mode gives (resume relies on it). Without deterministic
     algorithms Inductor adds the embedding's gradient rows with atomic adds from parallel threads, in a new order
     each time."""
-    from runtime import autocast, compile_model
+    from lib.runtime import autocast, compile_model
 
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, bias=False, rotary=True,

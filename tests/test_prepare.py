@@ -1,13 +1,12 @@
 """data/shakespeare_char/prepare.py: counts on the real corpus, exact round trip, clear input errors."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from batches import load_meta
-from conftest import REPO, run
+from conftest import run
+from lib.batches import load_meta
 
 
 def load(out_dir):
@@ -50,8 +49,7 @@ def test_bad_inputs_fail_in_one_line(tmp_path):
 
 
 def test_failed_download_says_how_to_pass_a_local_file(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "data"))
-    from prepare_common import read_text
+    from lib.dataset import read_text
 
     with pytest.raises(SystemExit) as e:
         read_text(None, str(tmp_path), url="http://127.0.0.1:9/input.txt")  # nothing listens on port 9

@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import checkpoint
 import model as model_module
-import optim
-from batches import Batches
 from conftest import TINY, run
-from kernels import rms_norm
+from lib import checkpoint, optim
+from lib.batches import Batches
+from lib.kernels import rms_norm
+from lib.runtime import UserError, autocast
+from lib.step import train_step
 from model import GPT, GPTConfig, apply_rotary, rotary
-from runtime import UserError, autocast
-from step import train_step
 
 SMALL = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 MODERN = {k: v for k, v in optim.RECIPES["modern"].items() if k in GPTConfig.__dataclass_fields__}

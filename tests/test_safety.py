@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-import checkpoint
-from conftest import REPO, TINY, run
 from configurator import ConfigError, configure
-from runtime import UserError
+from conftest import REPO, TINY, run
+from lib import checkpoint, files
+from lib.runtime import UserError
 from test_faults import fails
 from test_gpt2 import GPT2_META, export, padded_bpe_checkpoint
 
@@ -157,7 +157,7 @@ def test_a_failing_write_removes_its_temp_file_and_keeps_the_old_checkpoint(tmp_
     checkpoint.save(state(1), str(tmp_path), is_best=True)
     before = pt_bytes(tmp_path)
     real_open = open
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": FillsUp(real_open(path, mode), 200_000),
+    monkeypatch.setattr(files, "open", lambda path, mode="r": FillsUp(real_open(path, mode), 200_000),
                         raising=False)
     with pytest.raises(UserError, match=r"disk full while saving .*best.pt: it needs about 0.4 MiB"):
         checkpoint.save(state(2), str(tmp_path), is_best=True)
@@ -165,7 +165,8 @@ def test_a_failing_write_removes_its_temp_file_and_keeps_the_old_checkpoint(tmp_
 
 
 SAVER = """
-import sys, torch, checkpoint, runtime, step
+import sys, torch
+from lib import checkpoint, runtime, step
 runtime.install_error_hook()
 stop = step.StopSignal(interrupted=lambda: "interrupted by a second Ctrl-C; the last good checkpoint stays")
 for i in range(1, 10**6):  # ~32 MB states, saving most of the time
@@ -190,7 +191,8 @@ def test_a_second_ctrl_c_during_a_save_is_one_line_and_leaves_no_temp_file(tmp_p
 # ----------------------------------------------------------------------------- 3. best.pt survives a kill
 
 KILL_AFTER_BEST = """
-import os, runpy, signal, sys, checkpoint
+import os, runpy, signal, sys
+from lib import checkpoint
 write = checkpoint._write_atomic
 def write_then_die(path, obj):  # SIGKILL right after best.pt is written at iteration {kill_at}, before ckpt.pt
     write(path, obj)

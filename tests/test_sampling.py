@@ -13,8 +13,8 @@ import threading
 import pytest
 import torch
 
-import checkpoint
 from conftest import REPO, TINY, run
+from lib import checkpoint
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream
 

@@ -5,8 +5,8 @@ import re
 
 import torch
 
-import checkpoint
 from conftest import TINY, run
+from lib import checkpoint
 
 
 def train(char_data, out_dir, *args, env=None):

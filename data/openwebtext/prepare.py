@@ -29,8 +29,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for pipeline.py
-from pipeline import main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, for lib/
+from lib.corpus import main  # noqa: E402
 
 if __name__ == "__main__":  # tokenizing processes may import this file: run only when it is the script
     main(__doc__, HERE, hub_dataset="Skylion007/openwebtext", revision="cf22a3730519fbb9629cd35ddf1669bbfe9e2b97",

@@ -13,8 +13,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for prepare_common.py
-from prepare_common import gpt2_encoding, parse_args, read_text, write_dataset  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, for lib/
+from lib.dataset import gpt2_encoding, parse_args, read_text, write_dataset  # noqa: E402
 
 args = parse_args(__doc__.split("\n\n")[0], HERE)
 

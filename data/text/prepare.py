@@ -15,15 +15,15 @@ tokenizer (a tokenizer.json from data/train_tokenizer.py).
 (.jsonl, .json, .parquet): the column holding the text. --tokenizer: gpt2 (each document's encode_ordinary ids
 then the end-of-text token 50256), char (each document's characters then a newline), or a tokenizer.json (its ids, then
 its <|endoftext|>). A fixed-seed sample of
-the documents (--val_fraction, default 1%, --seed) becomes val.bin. See data/pipeline.py for the rest.
+the documents (--val_fraction, default 1%, --seed) becomes val.bin. See lib/corpus.py for the rest.
 """
 
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for pipeline.py
-from pipeline import main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, for lib/
+from lib.corpus import main  # noqa: E402
 
 if __name__ == "__main__":  # tokenizing processes may import this file: run only when it is the script
     main(__doc__, HERE, paths_positional=True, val_fraction=0.01)

@@ -14,8 +14,8 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # data/, for pipeline.py
-from pipeline import main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo, for lib/
+from lib.corpus import main  # noqa: E402
 
 if __name__ == "__main__":  # tokenizing processes may import this file: run only when it is the script
     main(__doc__, HERE, hub_dataset="roneneldan/TinyStories", val_split="validation", val_fraction=0.005)

@@ -1,6 +1,6 @@
 """
 The pipeline behind data/openwebtext, data/fineweb_edu, data/tinystories and data/text (whose prepare.py scripts
-only set its defaults): documents in, train.bin / val.bin / meta.json out (the format: prepare_common.py).
+only set its defaults): documents in, train.bin / val.bin / meta.json out (the format: lib/dataset.py).
 
     documents  a Hugging Face hub dataset: load_dataset(--hub_dataset, name=--name, revision=--revision,
                split=--split), or local files: load_dataset("text" | "json" | "parquet", data_files=--data_files)
@@ -30,7 +30,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from prepare_common import BadInput, fail, gpt2_encoding, token_dtype, write_dataset
+from lib.dataset import BadInput, fail, gpt2_encoding, token_dtype, write_dataset
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 BATCH_DOCS = 512  # documents per task: enough to amortize passing it between processes, little enough to keep RAM low

@@ -41,7 +41,7 @@ def horizon(target_flops, tokens_per_param, flops_per_token, params, tokens_per_
 def horizon_settings(config, explicit, gpt, tokens_per_iter):
     """train.py's max_iters and lr_decay_iters (unless explicit) from target_flops or tokens_per_param, and the rule
     in words (horizon_rule, for the run's header); {} when both are 0."""
-    from runtime import UserError
+    from lib.runtime import UserError
 
     try:
         found = horizon(config["target_flops"], config["tokens_per_param"], gpt.flops_per_token(),

@@ -18,7 +18,7 @@ adds the newly trainable ones as new param groups with the hyperparameters of th
 matrices only). NOTE for the optimizer module (issue 12): adding groups mid-run is done in unfreeze() alone.
 """
 
-from runtime import UserError
+from lib.runtime import UserError
 
 
 def frozen_blocks(freeze_layers, unfreeze_every, step):

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-import parallel
-from batches import EVAL
-from runtime import UserError
+from lib import parallel
+from lib.batches import EVAL
+from lib.runtime import UserError
 
 
 def manual_seed(seed):

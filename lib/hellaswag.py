@@ -22,11 +22,11 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
-from runtime import UserError
+from lib.runtime import UserError
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_EXAMPLES = 10042  # in the validation file
-CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hellaswag")
+CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hellaswag")
 REFERENCE = "OpenAI's GPT-2 124M scores about 29-30% acc_norm on the 10,042 examples in published reproductions"
 
 

@@ -16,11 +16,10 @@ checkpoint_format='sharded' keeps the same things as folders that torch.distribu
 rank its own shard and nothing gathered: out_dir/ckpt.dcp, best.dcp (weights only), ckpt_NNNNNNN.dcp; each holds
 extra.pt, everything but the tensors (iter_num, config, ...). A folder is written whole as NAME.dcp.tmp and then
 swapped in (_swap_in), so NAME.dcp, or NAME.dcp.old during the swap, is always complete. Any world size resumes
-from it (DCP reshards); `python checkpoint.py convert out/ckpt.dcp out/ckpt.pt` turns it into the single file,
+from it (DCP reshards); `python -m lib.checkpoint convert out/ckpt.dcp out/ckpt.pt` turns it into the single file,
 and load() / find() read a folder as that file, in memory. All ranks must see out_dir (a shared filesystem).
 """
 
-import errno
 import glob
 import os
 import re
@@ -31,8 +30,9 @@ import warnings
 
 import torch
 
+from lib.files import DiskFull, fsync_dir, write_atomic  # noqa: F401 (DiskFull: train.py catches it)
+from lib.runtime import UserError
 from model import GPT, GPTConfig
-from runtime import UserError
 
 LATEST, BEST = "ckpt.pt", "best.pt"
 LATEST_DCP, BEST_DCP, EXTRA = "ckpt.dcp", "best.dcp", "extra.pt"  # checkpoint_format='sharded': DCP folders
@@ -93,15 +93,6 @@ def check_writable(out_dir):
         raise UserError(f"cannot write checkpoints to out_dir '{out_dir}' ({e.strerror}): pick another --out_dir") from None
 
 
-def _fsync_dir(path):
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def state_bytes(state):
     """About how many bytes torch.save writes for state: its tensors, plus a margin for everything else."""
     if isinstance(state, torch.Tensor):
@@ -113,52 +104,10 @@ def state_bytes(state):
     return 0
 
 
-class DiskFull(UserError):
-    """A save ran out of space; the previous checkpoint is intact."""
-
-
-class _Recorded:
-    """A file that remembers the exception its write raised: torch.save replaces it by a RuntimeError ('unexpected
-    pos'), which would hide whether the disk was full or a second Ctrl-C interrupted."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except BaseException as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        return self.f.flush()
-
-
 def _write_atomic(path, obj):
-    """torch.save obj to path through a temporary file; on any failure the temporary file is removed."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            recorded = _Recorded(f)
-            try:
-                torch.save(obj, recorded)
-            except Exception:
-                if recorded.error is not None:
-                    raise recorded.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # a full disk, a second Ctrl-C (a UserError), anything
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            folder = os.path.dirname(os.path.abspath(path))
-            raise DiskFull(f"disk full while saving {path}: it needs about {state_bytes(obj) / 2**20:,.1f} MiB and "
-                            f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB are free in {folder}; the previous "
-                            f"checkpoint there is intact. Free some space or pick another --out_dir") from None
-        raise
+    """torch.save obj to path through a temporary file (lib/files.py); on any failure the temporary file is removed
+    and the previous checkpoint stays."""
+    write_atomic(path, lambda f: torch.save(obj, f), needs_bytes=state_bytes(obj), kind="checkpoint")
 
 
 def _snapshots(out_dir, ext=".pt"):
@@ -201,7 +150,7 @@ def save(state, out_dir, is_best=False, keep_last_n=0, replace=False, sharded=Fa
         _write_atomic(os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt"), state)
         for old in _snapshots(out_dir)[:-keep_last_n]:
             os.remove(os.path.join(out_dir, old))
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def _distributed():
@@ -228,7 +177,7 @@ def _swap_in(tmp, path):
             shutil.rmtree(old)
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.exists(old):
         shutil.rmtree(old)
 
@@ -241,7 +190,7 @@ def _write_dcp(path, tensors, extra, master):
     _quiet(dcp.save, tensors, checkpoint_id=tmp)  # fsyncs its files; returns on rank 0 once every rank's are written
     if master:
         _write_atomic(os.path.join(tmp, EXTRA), extra)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _swap_in(tmp, path)
 
 
@@ -271,7 +220,7 @@ def save_sharded(state, out_dir, is_best=False, keep_last_n=0, replace=False):
         for old in _snapshots(out_dir, ".dcp")[:-keep_last_n] if master else []:
             _remove(os.path.join(out_dir, old))
     if master:
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
 
 
 def reconcile_best(out_dir, state):
@@ -293,7 +242,7 @@ def reconcile_best(out_dir, state):
     # (a sharded checkpoint's weights are not in memory here; its format never wrote ckpt before best)
     if state.get("val_loss") is not None and state["val_loss"] <= best_val_loss and "model" in state:
         _write_atomic(path, {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
         print(f"repaired {path}: it was older than the best model ckpt.pt recorded (val loss {best_val_loss:.4f})")
     return best_val_loss
 
@@ -332,16 +281,29 @@ def latest(out_dir, prefer="full"):
     return _pick(out_dir, sorted(FORMATS.values(), key=lambda name: name != FORMATS[prefer]))
 
 
+def numbered(optim_sd):
+    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) as torch.optim's (keyed 0, 1, ...
+    in the order of the optimizer's parameters, which its param_groups list, whatever order the state is in)."""
+    order, start, groups = [name for group in optim_sd["param_groups"] for name in group["params"]], 0, []
+    for group in optim_sd["param_groups"]:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    state = {i: optim_sd["state"][name] for i, name in enumerate(order) if name in optim_sd["state"]}
+    if len(state) != len(optim_sd["state"]):
+        raise RuntimeError(f"optimizer state for {sorted(set(optim_sd['state']) - set(order))} has no parameter")
+    return {"state": state, "param_groups": groups}
+
+
 def read_dcp(path):
     """
     A DCP folder as the single-file format, in this process's memory, without torch.distributed: the weights and
-    optimizer state in full, the optimizer numbered as torch.optim numbers it (parallel.numbered).
+    optimizer state in full, the optimizer numbered as torch.optim numbers it (numbered).
     """
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from parallel import numbered
 
     tensors = {}  # filled with everything the folder holds (what DCP's own dcp_to_torch_save does)
     _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
@@ -456,7 +418,7 @@ def load_for_inference(init_from, out_dir="out", ckpt="best"):
     else ckpt.pt; 'latest': ckpt.pt; or a file name in out_dir) or GPT-2 weights (a hub name or a local folder).
     The model is in eval mode on the CPU, dropout off; meta is the vocabulary it was trained with ({} for GPT-2).
     """
-    from batches import checkpoint_meta
+    from lib.batches import checkpoint_meta
 
     if init_from == "resume":
         state = load(find(out_dir, ckpt))
@@ -482,15 +444,15 @@ def convert(src, dst):
         raise UserError(f"{dst} already exists: remove it first, or pick another name")
     state = load(src)
     _write_atomic(dst, state)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    fsync_dir(os.path.dirname(os.path.abspath(dst)))
     return state
 
 
-if __name__ == "__main__":  # python checkpoint.py convert out/ckpt.dcp out/ckpt.pt
-    from runtime import install_error_hook
+if __name__ == "__main__":  # python -m lib.checkpoint convert out/ckpt.dcp out/ckpt.pt
+    from lib.runtime import install_error_hook
 
     install_error_hook()
     if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        raise UserError("usage: python checkpoint.py convert OUT_DIR/ckpt.dcp OUT_DIR/ckpt.pt")
+        raise UserError("usage: python -m lib.checkpoint convert OUT_DIR/ckpt.dcp OUT_DIR/ckpt.pt")
     converted = convert(sys.argv[2], sys.argv[3])
     print(f"wrote {sys.argv[3]} (iter {converted['iter_num']}) from {sys.argv[2]}")

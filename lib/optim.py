@@ -22,8 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from runtime import UserError
-
+from lib.runtime import UserError
 
 # train.py's recipe switch: the settings each recipe sets (a config file or the command line still wins)
 RECIPES = {

@@ -13,7 +13,7 @@ byte-level BPE (tokenizer 'hf:<hash>', data/train_tokenizer.py) from the tokeniz
 
 import torch
 
-from runtime import UserError
+from lib.runtime import UserError
 
 
 class CharTokenizer:

@@ -1,7 +1,7 @@
 """
 Token batches from the train.bin / val.bin files that data/<dataset>/prepare.py writes, and their metadata.
 
-A .bin file is a flat stream of token ids, uint16 or uint32 as meta.json says (data/prepare_common.py has the
+A .bin file is a flat stream of token ids, uint16 or uint32 as meta.json says (lib/dataset.py has the
 format). nanoGPT-style folders with a meta.pkl instead still work: it is read by an unpickler that builds only
 plain dicts, lists, strings and numbers, so a pickle in a downloaded data folder cannot run code. A folder with
 no metadata at all is read as GPT-2 BPE in uint16, after a check that its ids fit, said in one line.
@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from runtime import UserError
+from lib.runtime import UserError
 
 TRAIN_STEP, EVAL = 0, 1  # streams of batches that never overlap
 SPLITS = ("train", "val")
@@ -31,7 +31,7 @@ DTYPES = {"uint16": 1 << 16, "uint32": 1 << 32}  # token dtype -> how many ids i
 SAMPLE_TOKENS = 10_000_000  # at most this many tokens per split are read to find the largest id
 
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # lib/ is one level down
 
 
 def dataset_dir(dataset):

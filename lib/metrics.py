@@ -25,8 +25,8 @@ from collections import deque
 
 import torch
 
-from runtime import UserError, why_not_compile
-from tokenizer import load_tokenizer
+from lib.runtime import UserError, why_not_compile
+from lib.tokenizer import load_tokenizer
 
 METRICS, PLOT = "metrics.jsonl", "loss.png"
 PLOT_SECONDS = 30  # loss.png is redrawn at an eval at most this often (0.3 s each on a CPU), and at the end

@@ -26,6 +26,9 @@ only its shards of them back (load_training_state), at any world size.
 
 import torch
 
+from lib import checkpoint
+from lib.runtime import UserError, compile_model
+
 FQN_NOISE = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")  # torch.compile, checkpoint_wrapper, DDP
 
 
@@ -48,7 +51,6 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
     The module to train: gpt (changed in place) with activation checkpointing, torch.compile and, under torchrun,
     DDP or FSDP2. The order is torchtitan's: checkpointing, then compile, then sharding.
     """
-    from runtime import UserError, compile_model
 
     if parallelism not in ("ddp", "fsdp"):
         raise UserError(f"unknown parallelism '{parallelism}': use ddp or fsdp")
@@ -121,7 +123,7 @@ def full_state(gpt, optimizer, fsdp):
     model_sd, optim_sd = get_state_dict(gpt, optimizer, options=_options(cpu_offload=True))
     if not model_sd:  # ranks other than 0
         return {}, {}
-    return model_sd, numbered(optim_sd)
+    return model_sd, checkpoint.numbered(optim_sd)
 
 
 def sharded_state(gpt, optimizer):
@@ -142,9 +144,6 @@ def load_training_state(gpt, optimizer, state, fsdp):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    import checkpoint
-    from runtime import UserError
-
     model_sd, optim_sd = sharded_state(gpt, optimizer)  # the shapes and shards to fill (and initialized moments)
     tensors = {"model": model_sd, "optimizer": optim_sd}
     try:
@@ -161,22 +160,8 @@ def _param_names(gpt, optimizer):
     return [names[p] for group in optimizer.param_groups for p in group["params"]]
 
 
-def numbered(optim_sd):
-    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) as torch.optim's (keyed 0, 1, ...
-    in the order of the optimizer's parameters, which its param_groups list, whatever order the state is in)."""
-    order, start, groups = [name for group in optim_sd["param_groups"] for name in group["params"]], 0, []
-    for group in optim_sd["param_groups"]:
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(start, start + len(group["params"])))})
-        start += len(group["params"])
-    state = {i: optim_sd["state"][name] for i, name in enumerate(order) if name in optim_sd["state"]}
-    if len(state) != len(optim_sd["state"]):
-        raise RuntimeError(f"optimizer state for {sorted(set(optim_sd['state']) - set(order))} has no parameter")
-    return {"state": state, "param_groups": groups}
-
-
 def named(gpt, optimizer, optim_sd):
-    """The inverse of numbered(), for this optimizer's parameters."""
+    """The inverse of checkpoint.numbered(), for this optimizer's parameters."""
     order = _param_names(gpt, optimizer)
     groups = [{**group, "params": [order[i] for i in group["params"]]} for group in optim_sd["param_groups"]]
     return {"state": {order[i]: v for i, v in optim_sd["state"].items()}, "param_groups": groups}
@@ -196,7 +181,6 @@ def load_optimizer(gpt, optimizer, optim_sd, fsdp):
 def accumulation(total_batch_size, gradient_accumulation_steps, batch_size, block_size, world_size):
     """Micro-steps per rank in one optimizer step: from total_batch_size (tokens per step over all ranks) when it
     is set, else from gradient_accumulation_steps (micro-steps per step over all ranks)."""
-    from runtime import UserError
 
     if total_batch_size:
         per_micro_step = batch_size * block_size * world_size
@@ -239,5 +223,5 @@ def memory_table(world_size=8):
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python parallel.py: the README's memory table
+if __name__ == "__main__":  # python -m lib.parallel: the memory table in docs/multi-gpu.md
     print(memory_table())

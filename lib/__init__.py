@@ -1,0 +1,22 @@
+"""
+The machinery the scripts at the repo's root share (train.py, sample.py, bench.py, export.py, eval_hellaswag.py,
+experiments/ and data/*/prepare.py). Nothing here is run directly, except `python -m lib.checkpoint convert` and
+`python -m lib.parallel`.
+
+    runtime      device, dtype and autocast, torch.compile, torchrun, peak FLOP/s, one-line errors
+    batches      reproducible batches from train.bin / val.bin, and a dataset's metadata
+    step         one optimizer step, the evaluation, SIGTERM / Ctrl-C handling
+    checkpoint   crash-safe checkpoints; models from scratch, checkpoints or GPT-2
+    parallel     DDP / FSDP2 wrapping, activation checkpointing, full and sharded state dicts
+    optim        AdamW, Muon + AdamW, the recipe switch, the lr schedules
+    metrics      the run header, step and eval lines, metrics.jsonl, loss.png, the training doctor, wandb
+    tokenizer    text <-> ids for characters, GPT-2's BPE or your own BPE
+    scaling      the training horizon (target_flops, tokens_per_param), the depth dial, the power-law fit
+    freeze       frozen layers and progressive unfreezing
+    hellaswag    HellaSwag scoring
+    kernels      two of model.py's ops made fast (RMSNorm's backward, CPU bfloat16 attention)
+    dataset      the dataset format (train.bin, val.bin, meta.json) and its crash-safe writing
+    corpus       the corpus pipeline behind data/*/prepare.py: sources, validation split, parallel tokenization
+
+The modules import each other in one direction only (no two import each other).
+"""
