@@ -1,5 +1,5 @@
 """
-HellaSwag accuracy of OpenAI's GPT-2 or of a checkpoint trained on GPT-2 BPE tokens (see hellaswag.py for the method).
+HellaSwag accuracy of OpenAI's GPT-2 or of a checkpoint trained on GPT-2 BPE tokens (the method: lib/hellaswag.py).
 
     python eval_hellaswag.py --init_from=gpt2                      # downloads the validation file once (10,042 examples)
     python eval_hellaswag.py --out_dir=out-shakespeare             # a checkpoint of train.py

@@ -282,7 +282,7 @@ class GPT(nn.Module):
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices only (optim.py also has Muon and the lr schedules)."""
+        """AdamW with weight decay on matrices only (lib/optim.py also has Muon and the lr schedules)."""
         from lib import optim
 
         return optim.create(self, "adamw", learning_rate, weight_decay, betas, device_type)

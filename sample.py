@@ -184,7 +184,7 @@ def prompt_loop(encode, write_samples):
             continue
         try:
             write_samples(start_ids)
-        except KeyboardInterrupt:  # Ctrl-C stops this prompt's samples, not the session
+        except KeyboardInterrupt:  # Ctrl-C stops this prompt's samples, not the prompt loop
             print(SEPARATOR, flush=True)
 
 

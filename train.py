@@ -42,7 +42,7 @@ wandb_log = False
 wandb_project = "owt"
 wandb_run_name = "gpt2"
 # data
-dataset = "openwebtext"  # a folder under data/ (or an absolute path) holding train.bin, val.bin, meta.pkl
+dataset = "openwebtext"  # a folder under data/ (or an absolute path) holding train.bin, val.bin, meta.json
 gradient_accumulation_steps = 5 * 8  # micro-steps per optimizer step, in total over all ranks
 batch_size = 12  # sequences per micro-step per rank
 block_size = 1024  # tokens per sequence
@@ -68,10 +68,10 @@ min_lr = 6e-5  # ~= learning_rate / 10 per Chinchilla
 max_bad_steps = 25  # stop after this many skipped (non-finite) steps in a row
 # system
 device = "auto"  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 > float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+dtype = "auto"  # 'auto' (CUDA: bfloat16 > float16; CPU: native bfloat16 > float32), 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model (skipped where it does not work)
 seed = 1337
-# what the run shows and keeps (metrics.py): out_dir/metrics.jsonl and loss.png, samples, the training doctor
+# what the run shows and keeps (lib/metrics.py): out_dir/metrics.jsonl and loss.png, samples, the training doctor
 sample_interval = 2000  # print a short sample every this many steps, and at the end (0: never)
 sample_prompt = "\n"  # the prompt of those samples
 sample_tokens = 100  # the length of those samples, in tokens
@@ -82,7 +82,7 @@ hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
 parallelism = "ddp"  # under torchrun: 'ddp' (a full copy per GPU) or 'fsdp' (FSDP2: weights, grads, AdamW sharded)
 activation_checkpointing = False  # recompute each Block in backward: less activation memory, ~1/3 more compute
 total_batch_size = 0  # tokens per optimizer step over all ranks; sets gradient_accumulation_steps (0: off)
-# experiments (scaling.py, freeze.py)
+# experiments (lib/scaling.py, lib/freeze.py)
 target_flops = 0.0  # total training FLOPs, which then set max_iters (and lr_decay_iters unless given); 0: off
 tokens_per_param = 0.0  # or tokens per parameter (Chinchilla: ~20), which then set max_iters; 0: off
 depth = 0  # the depth dial: n_layer=depth, n_embd=depth_aspect*depth, heads of size 64; explicit ones win; 0: off
@@ -90,7 +90,7 @@ depth_aspect = 64  # the dial's width per layer
 freeze_layers = 0  # finetuning: freeze the embeddings and the bottom freeze_layers blocks (0: train everything)
 freeze_train_head = True  # with freeze_layers: still train ln_f and the head (tied to wte: the token embedding)
 unfreeze_every = 0  # progressive unfreezing: one more block trains every this many steps (0: never)
-# the recipe (model.GPTConfig, optim.py): 'gpt2' is GPT-2 with AdamW and cosine; 'modern' turns on everything below
+# the recipe (model.GPTConfig, lib/optim.py): 'gpt2' is GPT-2 with AdamW and cosine; 'modern' turns on everything below
 # (optim.RECIPES); a setting given in a config file or on the command line wins over the recipe's
 recipe = "gpt2"  # 'gpt2' or 'modern'
 rotary = False  # rotary position embeddings instead of the learned position table
@@ -170,7 +170,7 @@ model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("drop
 model.to(device)
 
 gpt = model  # the plain module: its state_dict has no torch.compile or DDP prefixes
-frz = (freeze_layers, unfreeze_every, freeze_train_head)  # the trainable set at step k: freeze.py
+frz = (freeze_layers, unfreeze_every, freeze_train_head)  # the trainable set at step k: lib/freeze.py
 freeze.freeze(gpt, *frz, 0, world_size)  # requires_grad, before DDP/FSDP wrap it and the optimizer is built
 fsdp = parallelism == "fsdp" and world_size > 1  # FSDP2 shards gpt's weights in place
 compiled = compile and can_compile(device_type)

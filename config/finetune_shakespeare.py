@@ -26,7 +26,7 @@ max_iters = 20
 learning_rate = 3e-5
 decay_lr = False
 
-# Frozen layers (freeze.py), cheaper finetuning: freeze_layers=K freezes the embeddings and the bottom K of the
+# Frozen layers (lib/freeze.py), cheaper finetuning: freeze_layers=K freezes the embeddings and the bottom K of the
 # n_layer blocks, so only the top n_layer-K blocks train, plus ln_f and the head while freeze_train_head=True. The
 # head is tied to the token embedding (one tensor, as in GPT-2): training the head also moves every token's input
 # embedding; freeze_train_head=False freezes both (and ln_f), i.e. freezes the embedding. unfreeze_every=S unfreezes

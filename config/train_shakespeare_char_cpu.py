@@ -25,11 +25,11 @@ min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
 
-# the modern recipe (README: The modern recipe) without three parts that buy no more loss than their step time at this
+# the modern recipe (docs/recipe.md) without three parts that buy no more loss than their step time at this
 # size on a 2-core CPU: Muon, QK-norm and the x0 shortcut. With them a step took 1.43x as long (uncompiled, --against);
-# at step counts of equal cost the two end equal (1.676 vs 1.694, 1.632 vs 1.637: README, Ablation), and the 2,000
+# at step counts of equal cost the two end equal (1.676 vs 1.694, 1.632 vs 1.637: docs/recipe.md), and the 2,000
 # steps here are 1.4x faster. What is left, rotary, RMSNorm, ReLU^2, untied head, zero-init, soft-cap, WSD, compiled:
-# val 1.70 in 2.1-2.4x less wall time than nanoGPT's 1.886 (alternating runs; README: Benchmarks).
+# val 1.70 in 2.1-2.4x less wall time than nanoGPT's 1.886 (alternating runs; docs/benchmarks.md).
 # The whole modern recipe: --optimizer=muon --qk_norm=True --x0_mix=True; GPT-2's: --recipe=gpt2.
 recipe = "modern"
 optimizer = "adamw"

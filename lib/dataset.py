@@ -148,7 +148,7 @@ def write_dataset(out_dir, splits, meta):
     Everything goes into a temporary folder inside out_dir first and is renamed into place only when all three
     files are complete, so a failure or Ctrl-C (or a full disk) leaves the dataset that was there untouched and
     no complete-looking train.bin. meta.json is renamed first: its token counts then disagree with any bin left
-    over from before, which batches.py reports, should the process die between the renames.
+    over from before, which lib/batches.py reports, should the process die between the renames.
     """
     t0 = time.time()
     tmp = os.path.join(out_dir, f"{TEMP_PREFIX}{os.getpid()}.tmp")

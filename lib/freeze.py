@@ -15,7 +15,7 @@ the optimizer state, and resume stays exact.
 
 The optimizer holds only trainable parameters (model.configure_optimizers keeps requires_grad ones); unfreeze()
 adds the newly trainable ones as new param groups with the hyperparameters of their kind (weight decay on
-matrices only). NOTE for the optimizer module (issue 12): adding groups mid-run is done in unfreeze() alone.
+matrices only). NOTE for lib/optim.py: adding groups mid-run is done in unfreeze() alone.
 """
 
 from lib.runtime import UserError

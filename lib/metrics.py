@@ -367,7 +367,7 @@ class RunLog:
               f"{flops_per_token * horizon_tokens:.2e} FLOPs in all"
               f"{f'; set by {rule}' if (rule := c.get('horizon_rule')) else ''}")
         trainable = sum(p.numel() for p in gpt.parameters() if p.requires_grad)
-        if trainable < total:  # freeze_layers (freeze.py)
+        if trainable < total:  # freeze_layers (lib/freeze.py)
             print(f"trainable: {human(trainable)} of {human(total)} parameters ({100 * trainable / total:.1f}%), "
                   f"freeze_layers={c.get('freeze_layers')}, unfreeze_every={c.get('unfreeze_every')}")
         how = f" ({c.get('parallelism', 'ddp')})" if rt.world_size > 1 else ""

@@ -195,7 +195,7 @@ def accumulation(total_batch_size, gradient_accumulation_steps, batch_size, bloc
     return gradient_accumulation_steps // world_size
 
 
-# ----------------------------------------------------------------------------- memory per GPU (README's table)
+# ----------------------------------------------------------------------------- memory per GPU (docs/multi-gpu.md)
 GPT2_SIZES = {"GPT-2 124M": (12, 12, 768), "GPT-2 350M": (24, 16, 1024), "GPT-2 774M": (36, 20, 1280),
               "GPT-2 1.5B": (48, 25, 1600)}
 

@@ -72,7 +72,7 @@ def pick_dtype(requested, device_type):
     """
     'auto': bfloat16 on CUDA GPUs that have it, else float16 (with a grad scaler); bfloat16 on CPUs with native
     bfloat16 (the CPU preset's 2,000 steps with the GPT-2 recipe: 1.6x faster than float32, val loss 1.9208 vs
-    1.9204; README, Benchmarks), float32 on other CPUs and on mps.
+    1.9204; docs/log.md, 2026-11-21), float32 on other CPUs and on mps.
     """
     if requested == "auto":
         if device_type == "cuda":

@@ -1,5 +1,5 @@
 """
-HellaSwag: completion-style scoring (hellaswag.py) checked against a direct computation with the model, and
+HellaSwag: completion-style scoring (lib/hellaswag.py) checked against a direct computation with the model, and
 eval_hellaswag.py end to end, on a small file in the official format with small random models. CPU, no network.
 """
 

@@ -1,4 +1,4 @@
-"""What a run shows and keeps (metrics.py): metrics.jsonl across resumes, bits per byte, loss.png, samples,
+"""What a run shows and keeps (lib/metrics.py): metrics.jsonl across resumes, bits per byte, loss.png, samples,
 the training doctor on sick and healthy runs, and wandb (offline) continuing one run across a resume."""
 
 import glob

@@ -190,7 +190,7 @@ def test_tiny_model_overfits_one_batch_with_muon(recipe):
 
 
 def old_get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
-    """train.py's get_lr before optim.py: the cosine schedule must stay bit for bit this."""
+    """train.py's get_lr before lib/optim.py: the cosine schedule must stay bit for bit this."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it > lr_decay_iters:
