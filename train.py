@@ -18,7 +18,7 @@ import time
 import torch
 
 from configurator import configure
-from lib import checkpoint, freeze, hellaswag, optim, parallel, scaling
+from lib import checkpoint, core_eval, freeze, optim, parallel, scaling
 from lib.batches import Batches, dataset_dir
 from lib.metrics import RunLog, mean_over_ranks
 from lib.runtime import UserError, can_compile, install_error_hook, peak_flops, setup
@@ -75,9 +75,11 @@ seed = 1337
 sample_interval = 2000  # print a short sample every this many steps, and at the end (0: never)
 sample_prompt = "\n"  # the prompt of those samples
 sample_tokens = 100  # the length of those samples, in tokens
-hellaswag_interval = 0  # HellaSwag accuracy every this many steps, on GPT-2 BPE runs (0: never)
-hellaswag_file = ""  # hellaswag_val.jsonl ('': downloaded once into data/hellaswag/)
-hellaswag_limit = 0  # score only the first this many examples (0: all 10,042)
+eval_every = 0  # score eval_tasks every this many steps and at the end, on BPE runs (0: never; docs/eval.md)
+eval_tasks = "core"  # as eval.py's --tasks: 'core' (CORE's 22 tasks), 'hellaswag', or task names, comma-separated
+eval_limit = 500  # at most this many examples per task (0: all): an estimate, the same examples every time
+eval_bundle = ""  # CORE's eval bundle folder ('': downloaded once into data/eval_bundle/)
+hellaswag_file = ""  # hellaswag_val.jsonl for eval_tasks='hellaswag' ('': downloaded once into data/hellaswag/)
 # many processes and big models (lib/parallel.py)
 parallelism = "ddp"  # under torchrun: 'ddp' (a full copy per GPU) or 'fsdp' (FSDP2: weights, grads, AdamW sharded)
 activation_checkpointing = False  # recompute each Block in backward: less activation memory, ~1/3 more compute
@@ -186,9 +188,9 @@ if state is not None:
         scaler.load_state_dict(state["scaler"])
 wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
 state = None  # free the checkpoint's memory
-if fsdp and (sample_interval or hellaswag_interval):  # rank 0 alone, or ranks unevenly: not with sharded weights
-    sample_interval = hellaswag_interval = config["sample_interval"] = config["hellaswag_interval"] = 0
-hellaswag_set = hellaswag.for_training(batches.meta, hellaswag_file, hellaswag_limit) if hellaswag_interval else None
+if fsdp and (sample_interval or eval_every):  # rank 0 alone, or ranks unevenly: not with sharded weights
+    sample_interval = eval_every = config["sample_interval"] = config["eval_every"] = 0
+evalset = core_eval.for_training(config, batches.meta, gpt.config.vocab_size, rank, world_size) if eval_every else None
 
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # over all ranks
 horizon = scaling.horizon_settings(config, explicit, gpt, tokens_per_iter)  # target_flops / tokens_per_param
@@ -261,8 +263,8 @@ while True:
         t0, t0_iter = time.time(), iter_num  # leave evaluation and saving out of the step timing
     if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
         t0, t0_iter = time.time(), iter_num
-    if hellaswag_interval and iter_num % hellaswag_interval == 0 and iter_num > start_iter:
-        run_log.hellaswag(iter_num, hellaswag.evaluate(gpt, *hellaswag_set, device, ctx, rank, world_size))
+    if eval_every and iter_num > start_iter and (iter_num % eval_every == 0 or iter_num == max_iters):
+        run_log.tasks(iter_num, core_eval.evaluate(gpt, evalset, device, ctx, rank, world_size))
         t0, t0_iter = time.time(), iter_num
     if out_of_time and stop.received is None:
         stop.received = f"max_seconds={max_seconds:g}"

@@ -466,12 +466,11 @@ class RunLog:
         if time.time() - self.t_plot >= PLOT_SECONDS:
             self.plot()
 
-    def hellaswag(self, step, result):
-        """The HellaSwag line (train.py's hellaswag_interval), into metrics.jsonl and wandb too."""
+    def tasks(self, step, report):
+        """train.py's eval_every line (a core_eval.Report: CORE, HellaSwag, ...), into metrics.jsonl and wandb too."""
         if self.writes:
-            print(f"hellaswag at step {step}: acc_norm {result.acc_norm:.2%}, acc {result.acc:.2%} on {result.n:,} "
-                  f"examples (GPT-2 124M: about 29-30% acc_norm)")
-            self._record("hellaswag", step, acc=result.acc, acc_norm=result.acc_norm, examples=result.n)
+            print(f"eval at step {step}: {report.summary()}")
+            self._record("tasks", step, **report.record())
 
     def plot(self):
         self.t_plot = time.time()

@@ -1,0 +1,101 @@
+"""
+What a model can do: the CORE metric (DCLM's 22 tasks), any of its tasks, or HellaSwag alone (docs/eval.md).
+
+    python eval.py --init_from=gpt2                          # CORE of OpenAI's GPT-2 124M (downloads the bundle once)
+    python eval.py --out_dir=out-owt --limit=500             # a quick estimate for a checkpoint of train.py
+    python eval.py --out_dir=out-owt --tasks=hellaswag       # HellaSwag's validation file, 0-shot
+    python eval.py --init_from=path/to/hf_gpt2 --tasks=arc_easy,piqa --bundle=path/to/eval_bundle
+    torchrun --standalone --nproc_per_node=8 eval.py --init_from=gpt2-xl    # the examples split over 8 GPUs
+
+Prints each task's accuracy and centered accuracy as it finishes, then CORE (or the mean centered accuracy), and
+writes them as JSON beside the checkpoint (--results elsewhere).
+"""
+
+import os
+import re
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from lib import checkpoint, core_eval, hellaswag
+from lib.files import write_json
+from lib.runtime import UserError, install_error_hook, setup
+
+# ----------------------------------------------------------------------------- settings
+init_from = "resume"  # 'resume' (a checkpoint in out_dir), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+out_dir = "out"
+ckpt = "best"  # with init_from='resume': 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir
+tasks = "core"  # 'core' (CORE's 22 tasks), 'hellaswag' (its validation file, 0-shot), or core.yaml's labels, a,b,c
+limit = 0  # at most this many examples per task, the same ones each time (0: all): a quick, noisier estimate
+bundle = ""  # CORE's eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/); '': data/eval_bundle/, downloaded
+hellaswag_file = ""  # hellaswag_val.jsonl for tasks=hellaswag; '': data/hellaswag/hellaswag_val.jsonl, downloaded once
+results = ""  # the JSON file to write; '': beside the checkpoint (out_dir/best.core.json), none for GPT-2 weights
+batch_tokens = 0  # tokens per forward pass (rows x longest row, whole examples); 0: 16,384 on a GPU, 4,096 elsewhere
+progress = True  # a progress bar on stderr (when it is a terminal)
+device = "auto"
+dtype = "auto"
+# -----------------------------------------------------------------------------
+
+
+def results_path():
+    """Where the results go: --results, or beside the checkpoint, named by the tasks (and the limit)."""
+    if results or init_from != "resume":
+        return results or None
+    name = re.sub(r"[^\w.-]+", "+", tasks.strip()) + (f"-limit{limit}" if limit else "")
+    return f"{os.path.splitext(checkpoint.find(out_dir, ckpt))[0]}.{name}.json"
+
+
+def main():
+    install_error_hook()
+    configure(globals(), sys.argv[1:])
+    if limit < 0 or batch_tokens < 0:
+        raise UserError(f"--limit={limit} --batch_tokens={batch_tokens}: give numbers >= 0 (0: all, 0: automatic)")
+    rt = setup(device, dtype, distributed=True)
+    master = rt.rank == 0
+    model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
+    name = f"the checkpoint in {out_dir}" if init_from == "resume" else init_from
+    evalset = core_eval.prepare(tasks, meta, model.config.vocab_size, bundle, hellaswag_file, limit, rt.rank,
+                                rt.world_size, what=name)
+    model.to(rt.device)
+    if master:
+        n = sum(len(examples) for _, examples in evalset.tasks)
+        print(f"eval: {len(evalset.tasks)} task(s) ({tasks}), {n:,} examples"
+              f"{f' (at most {limit:,} per task)' if limit else ''}, on {rt.world_size} process(es)")
+        print(f"model: {out_dir if init_from == 'resume' else init_from}, {model.get_num_params() / 1e6:.2f}M "
+              f"parameters, {model.config.block_size} positions, {rt.device} {rt.dtype}")
+        print(core_eval.HEADER)
+    t0 = time.time()
+    report = core_eval.evaluate(model, evalset, rt.device, rt.autocast, rt.rank, rt.world_size, batch_tokens,
+                                progress, on_score=lambda score: master and print(core_eval.table_row(score)))
+    if master:
+        print("\n".join(core_eval.table_end(report)))
+        if report.core is not None:
+            print(f"reference: {core_eval.REFERENCE}")
+        elif [s.task.label for s in report.scores] == ["hellaswag"]:
+            print(f"reference: {hellaswag.REFERENCE}")
+        path = results_path()
+        if path:
+            resumed = init_from == "resume"
+            write_json(path, report.as_json(
+                model=out_dir if resumed else init_from, checkpoint=checkpoint.find(out_dir, ckpt) if resumed else None,
+                asked=tasks, world_size=rt.world_size, device=rt.device, dtype=rt.dtype,
+                wall_s=round(time.time() - t0, 3), date=time.strftime("%Y-%m-%d %H:%M")))
+            print(f"wrote {path}")
+        else:
+            print("results not written: pass --results=path/to/results.json to keep them")
+    if rt.world_size > 1:
+        torch.distributed.destroy_process_group()
+        # skip interpreter teardown, where gloo's threads can still abort a finished process (as train.py does)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
