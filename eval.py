@@ -39,6 +39,23 @@ dtype = "auto"
 # -----------------------------------------------------------------------------
 
 
+ROW = "{:<34} {:<17} {:>5} {:>8} {:>8} {:>8} {:>7}"  # task, kind, shots, examples, accuracy, centered, ex/s
+
+
+def row(score):
+    s = score
+    return ROW.format(s.task.label, s.task.kind, s.task.shots, f"{s.examples:,}", f"{s.accuracy:.4f}",
+                      f"{s.centered:.4f}", f"{s.examples / max(s.seconds, 1e-9):.1f}")
+
+
+def last_row(report):
+    """CORE, or the mean centered accuracy of a subset of tasks, and the speed over all of them."""
+    name, value = ("CORE", report.core_metric) if report.core is not None else ("mean", report.mean_centered)
+    estimate = f" (estimate: at most {report.limit:,} examples per task)" if report.limit else ""
+    return ROW.format(name, "", "", f"{report.examples:,}", "", f"{value:.4f}",
+                      f"{report.examples / max(report.seconds, 1e-9):.1f}") + estimate
+
+
 def results_path():
     """Where the results go: --results, or beside the checkpoint, named by the tasks (and the limit)."""
     if results or init_from != "resume":
@@ -52,6 +69,9 @@ def main():
     configure(globals(), sys.argv[1:])
     if limit < 0 or batch_tokens < 0:
         raise UserError(f"--limit={limit} --batch_tokens={batch_tokens}: give numbers >= 0 (0: all, 0: automatic)")
+    path = results_path()
+    if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
+        raise UserError(f"--results={results}: its folder does not exist")
     rt = setup(device, dtype, distributed=True)
     master = rt.rank == 0
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
@@ -65,17 +85,16 @@ def main():
               f"{f' (at most {limit:,} per task)' if limit else ''}, on {rt.world_size} process(es)")
         print(f"model: {out_dir if init_from == 'resume' else init_from}, {model.get_num_params() / 1e6:.2f}M "
               f"parameters, {model.config.block_size} positions, {rt.device} {rt.dtype}")
-        print(core_eval.HEADER)
+        print(ROW.format("task", "kind", "shots", "examples", "accuracy", "centered", "ex/s"))
     t0 = time.time()
     report = core_eval.evaluate(model, evalset, rt.device, rt.autocast, rt.rank, rt.world_size, batch_tokens,
-                                progress, on_score=lambda score: master and print(core_eval.table_row(score)))
+                                progress, on_score=lambda score: master and print(row(score)))
     if master:
-        print("\n".join(core_eval.table_end(report)))
+        print(last_row(report))
         if report.core is not None:
             print(f"reference: {core_eval.REFERENCE}")
         elif [s.task.label for s in report.scores] == ["hellaswag"]:
             print(f"reference: {hellaswag.REFERENCE}")
-        path = results_path()
         if path:
             resumed = init_from == "resume"
             write_json(path, report.as_json(

@@ -1,5 +1,5 @@
 """
-The machinery the scripts at the repo's root share (train.py, sample.py, bench.py, export.py, eval_hellaswag.py,
+The machinery the scripts at the repo's root share (train.py, sample.py, bench.py, export.py, eval.py,
 experiments/ and data/*/prepare.py). Nothing here is run directly, except `python -m lib.checkpoint convert` and
 `python -m lib.parallel`.
 
@@ -13,7 +13,8 @@ experiments/ and data/*/prepare.py). Nothing here is run directly, except `pytho
     tokenizer    text <-> ids for characters, GPT-2's BPE or your own BPE
     scaling      the training horizon (target_flops, tokens_per_param), the depth dial, the power-law fit
     freeze       frozen layers and progressive unfreezing
-    hellaswag    HellaSwag scoring
+    core_eval    CORE and its tasks: prompts, the three kinds of scoring, the eval bundle
+    hellaswag    HellaSwag's validation file, as a task of core_eval
     kernels      two of model.py's ops made fast (RMSNorm's backward, CPU bfloat16 attention)
     dataset      the dataset format (train.bin, val.bin, meta.json) and its crash-safe writing
     corpus       the corpus pipeline behind data/*/prepare.py: sources, validation split, parallel tokenization

@@ -481,21 +481,3 @@ class Report(NamedTuple):
                                          "examples": s.examples, "kind": s.task.kind, "shots": s.task.shots,
                                          "baseline": s.task.baseline, "seconds": round(s.seconds, 3)}
                           for s in self.scores}}
-
-
-HEADER = f"{'task':<34} {'kind':<17} {'shots':>5} {'examples':>8} {'accuracy':>8} {'centered':>8} {'ex/s':>7}"
-
-
-def table_row(score):
-    s = score
-    return (f"{s.task.label:<34} {s.task.kind:<17} {s.task.shots:>5} {s.examples:>8,} {s.accuracy:>8.4f} "
-            f"{s.centered:>8.4f} {s.examples / max(s.seconds, 1e-9):>7.1f}")
-
-
-def table_end(report):
-    """The lines under the rows: CORE (or the mean centered accuracy) and the speed."""
-    name = "CORE" if report.core is not None else "mean centered accuracy"
-    value = report.core_metric if report.core is not None else report.mean_centered
-    estimate = f" (estimate: at most {report.limit:,} examples per task)" if report.limit else ""
-    return [f"{name:<34} {'':<17} {'':>5} {report.examples:>8,} {'':>8} {value:>8.4f} "
-            f"{report.examples / max(report.seconds, 1e-9):>7.1f}{estimate}"]

@@ -297,6 +297,8 @@ def test_examples_are_shuffled_once_with_seed_1337_and_limited(bundle):
 
 def test_each_kind_predicts_as_a_direct_computation_does(bundle, enc):
     model = random_gpt(block_size=128)
+    with torch.no_grad():  # the vocabulary's padding (ids 50257-50303, never text) with large logits: never predicted
+        model.lm_head.weight[50257:] *= 5
     es = evalset(bundle)
     reports = [core_eval.evaluate(model, es, batch_tokens=n) for n in (1, 2000)]  # one example per pass; several
     wrong_somewhere = 0
@@ -307,7 +309,7 @@ def test_each_kind_predicts_as_a_direct_computation_does(bundle, enc):
             means, exact = direct(model, enc, task.kind, prompts, 128)
             rows = core_eval.rows_of(task.kind, prompts, es.encode, 128)
             mean_loss, greedy = core_eval.score_rows(model, rows, es.vocab)
-            assert torch.allclose(mean_loss, means, rtol=1e-4, atol=1e-4), (task.label, i)
+            assert torch.allclose(mean_loss, means, rtol=1e-5, atol=1e-5), (task.label, i)
             assert greedy.tolist() == exact
             ok = exact[0] if task.kind == "language_modeling" else int(means.argmin()) == examples[i]["gold"]
             right += ok
@@ -371,7 +373,6 @@ def test_centered_accuracy_and_core_on_hand_made_results():
     out = report.as_json(model="m")
     assert out["model"] == "m" and out["tasks"]["a"]["centered"] == pytest.approx(0.2)
     assert out["examples_per_s"] == pytest.approx(36.0) and out["core"] == pytest.approx(0.0)
-    assert core_eval.table_end(report)[0].startswith("CORE ")
 
 
 def test_evaluate_switches_a_training_model_to_eval_and_back(bundle):
@@ -504,7 +505,7 @@ def test_eval_on_a_hf_folder_equals_its_checkpoint(monkeypatch, tmp_path, bundle
     proc = run("eval.py", f"--out_dir={tmp_path / 'out'}", f"--bundle={bundle}", "--device=cpu", "--dtype=float32",
                env=ONE_THREAD)
     assert "eval: 6 task(s) (core), 28 examples, on 1 process(es)" in proc.stdout
-    assert re.search(r"^CORE +28 +-?[\d.]+ +[\d.]+$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^CORE +28 +-?[\d.]+ +[\d.]+$", proc.stdout, re.M), proc.stdout  # examples, CORE, ex/s
     assert "reference: OpenAI's GPT-2 scores CORE 0.1139 (124M)" in proc.stdout
     from_ckpt = read_results(tmp_path / "out" / "best.core.json")  # beside the checkpoint
     assert f"wrote {tmp_path / 'out' / 'best.core.json'}" in proc.stdout
@@ -581,6 +582,7 @@ def test_eval_errors_are_one_line(tmp_path, bundle):
         ([f"--out_dir={tmp_path / 'small'}"], "has a vocabulary of 1000 tokens, fewer than its tokenizer's 50257"),
         ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
         (["--limit=-1"], "--limit=-1"),
+        ([f"--results={tmp_path / 'no' / 'r.json'}"], "its folder does not exist"),
     ]:
         proc = run("eval.py", "--device=cpu", f"--bundle={bundle}", *args, env=ONE_THREAD, check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
