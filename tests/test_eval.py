@@ -538,36 +538,21 @@ def test_eval_hellaswag_alone_with_a_limit(tmp_path, hellaswag_file):
     assert results["limit"] == 4 and results["core"] is None
 
 
-RANK_SCRIPT = """
-import json, sys
-import torch.distributed as dist
-from lib import checkpoint, core_eval, runtime
-rt = runtime.setup("cpu", "float32", distributed=True)
-model, meta = checkpoint.load_for_inference("resume", sys.argv[1])
-es = core_eval.prepare("core", meta, model.config.vocab_size, bundle=sys.argv[2], rank=rt.rank,
-                       world_size=rt.world_size)
-report = core_eval.evaluate(model, es, rt.device, rank=rt.rank, world_size=rt.world_size, batch_tokens=300)
-with open(f"{sys.argv[3]}/rank{rt.rank}.json", "w") as f:  # not stdout, where the ranks' lines can mix
-    json.dump([rt.world_size, [(s.examples, s.right) for s in report.scores]], f)
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_agree_with_one_process(tmp_path, bundle):
+def test_eval_under_torchrun_with_two_ranks_equals_one_process(tmp_path, bundle):
     model = random_gpt(seed=1)
     save_checkpoint(model, tmp_path / "out", GPT2_META)
-    script = tmp_path / "rank_eval.py"
-    script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "out"), bundle, str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, env=env, timeout=600)
+                           "eval.py", f"--out_dir={tmp_path / 'out'}", f"--bundle={bundle}", "--device=cpu",
+                           "--dtype=float32", "--batch_tokens=300"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **ONE_THREAD}, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("eval: 6 task(s) (core), 28 examples, on 2 process(es)") == 1  # rank 0 alone prints
+    results = read_results(tmp_path / "out" / "best.core.json")
     whole = core_eval.evaluate(model, evalset(bundle))
-    for rank in (0, 1):
-        world_size, counts = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert world_size == 2 and counts == [[s.examples, s.right] for s in whole.scores]
+    assert results["world_size"] == 2 and results["core"] == pytest.approx(whole.core_metric)
+    assert [(r["examples"], r["right"]) for r in results["tasks"].values()] == \
+           [(s.examples, s.right) for s in whole.scores]
 
 
 def test_eval_errors_are_one_line(tmp_path, bundle):
