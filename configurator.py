@@ -29,6 +29,7 @@ RULES = {
     **dict.fromkeys(["max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay",
                      "grad_clip", "keep_last_n", "temperature", "top_k", "max_new_tokens", "warmup_steps"],
                     _AT_LEAST_0),
+    **dict.fromkeys(["eval_every", "eval_limit", "limit", "batch_tokens"], _AT_LEAST_0),  # eval.py, train.py
     **dict.fromkeys(["dropout", "beta1", "beta2"], _FRACTION),
 }
 

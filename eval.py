@@ -67,8 +67,6 @@ def results_path():
 def main():
     install_error_hook()
     configure(globals(), sys.argv[1:])
-    if limit < 0 or batch_tokens < 0:
-        raise UserError(f"--limit={limit} --batch_tokens={batch_tokens}: give numbers >= 0 (0: all, 0: automatic)")
     path = results_path()
     if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
         raise UserError(f"--results={results}: its folder does not exist")

@@ -566,7 +566,7 @@ def test_eval_errors_are_one_line(tmp_path, bundle):
         ([f"--out_dir={tmp_path / 'char'}"], "is character-level: CORE and HellaSwag are text"),
         ([f"--out_dir={tmp_path / 'small'}"], "has a vocabulary of 1000 tokens, fewer than its tokenizer's 50257"),
         ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
-        (["--limit=-1"], "--limit=-1"),
+        (["--limit=-1"], "limit=-1 cannot work: limit must be >= 0"),
         ([f"--results={tmp_path / 'no' / 'r.json'}"], "its folder does not exist"),
     ]:
         proc = run("eval.py", "--device=cpu", f"--bundle={bundle}", *args, env=ONE_THREAD, check=False)
