@@ -13,11 +13,10 @@ import os
 from lib.runtime import UserError
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-VAL_EXAMPLES = 10042  # in the validation file
 DELIMITER = " "  # between the context and an ending
 BASELINE = 0.25  # random guessing: 1 of 4 endings
-REFERENCE = ("OpenAI's GPT-2 124M: 30.9% on CORE's 0-shot HellaSwag in nanochat (the same scoring, the bundle's copy "
-             "of the file); 29.55% acc_norm in build-nanogpt (no <|endoftext|> first); chance is 25%")
+REFERENCE = ("OpenAI's GPT-2 124M: 30.9% on CORE's 0-shot HellaSwag in nanochat (the same scoring, on the bundle's "
+             "version of the file); 29.55% acc_norm in build-nanogpt (no <|endoftext|> first); chance is 25%")
 
 
 def load_examples(path):
