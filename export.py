@@ -8,18 +8,28 @@ transformers.AutoModelForCausalLM.from_pretrained(hf_dir) then gives the same lo
 A GPT-2 BPE checkpoint also gets GPT-2's tokenizer files, so AutoTokenizer.from_pretrained(hf_dir) works offline,
 and its vocabulary padding (50304 rows) is cut back to GPT-2's 50257 tokens. A character-level checkpoint gets
 char_vocab.json ({character: id}) instead of a tokenizer. A checkpoint trained on data in your own tokenizer
-(data/train_tokenizer.py) gets its tokenizer.json (which the checkpoint's metadata carries) and tokenizer_config.json. bias=False exports with zero biases, which is exact.
+(data/train_tokenizer.py) gets its tokenizer.json (which the checkpoint's metadata carries) and tokenizer_config.json.
+bias=False exports with zero biases, which is exact.
+
+The folder is written in full beside hf_dir, then swapped in whole (files.swap_folder). export.json lists every file
+an export wrote, with its sha256: a later export into the same folder replaces those (and removes the ones it no
+longer writes, such as a BPE tokenizer's files under a character-level model), keeps every other file (a model card,
+a .git folder), and refuses, unless --overwrite=True, a file of the earlier export that was changed since, or a
+folder that is not an export and is not empty.
 """
 
+import glob
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
 import torch
 
 from configurator import configure
-from lib import checkpoint
+from lib import checkpoint, files
 from lib.batches import checkpoint_meta
 from lib.runtime import UserError, install_error_hook
 from model import CONV1D_WEIGHTS, GPTConfig
@@ -28,6 +38,7 @@ from model import CONV1D_WEIGHTS, GPTConfig
 out_dir = "out"
 ckpt = "best"  # 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir
 hf_dir = ""  # the folder to write (required)
+overwrite = False  # also replace files in hf_dir that no export wrote, or that were changed since one did
 # -----------------------------------------------------------------------------
 GPT2_VOCAB = 50257  # GPT-2's tokens; 50256 is <|endoftext|>
 EOT = "<|endoftext|>"
@@ -66,32 +77,69 @@ def gpt2_state_dict(sd, reference, bias, vocab, path):
     return out
 
 
-MARKER = "export.json"  # what this script writes into every export: which checkpoint it came from
+MARKER = "export.json"  # what this script writes into every export: the checkpoint it came from, its files' sha256
+# the names an export may write (save_pretrained's, the tokenizers'), checked before the work; after it, the real ones
+EXPORT_NAMES = re.compile(r"(config|generation_config|vocab|tokenizer|tokenizer_config|special_tokens_map|added_tokens|"
+                          r"char_vocab|export)\.json|merges\.txt|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+_sha256 = {}  # path -> its sha256, each file read once
 
 
-def check_target(folder):
-    """Only an empty folder or an earlier export may be replaced, and then whole, so no stale file stays behind."""
-    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
-        raise UserError(f"--hf_dir={folder} is not empty and is not an earlier export (no {MARKER}): pick a new or "
-                        f"empty folder, or delete it first")
+def file_sha256(path):
+    if path not in _sha256:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _sha256[path] = digest.hexdigest()
+    return _sha256[path]
+
+
+def earlier_export(folder):
+    """{name: sha256} of the files an earlier export wrote into folder, from its export.json (an export.json of an
+    older version lists none: then every name an export writes counts, sha256 None); None if folder is no export."""
+    try:
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or "checkpoint" not in marker:
+        return None
+    listed = marker.get("files")
+    if isinstance(listed, dict):
+        return listed
+    return {name: None for name in os.listdir(folder) if EXPORT_NAMES.fullmatch(name)}
+
+
+def check_target(folder, writes, overwrite):
+    """
+    files.guard for an export into folder, whose files at the names writes(name) says this export writes are
+    replaced: folder must be empty, or an earlier export whose files being replaced or removed are unchanged since,
+    unless overwrite. Returns the names in folder that the export keeps (carried into the new folder).
+    """
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--hf_dir={folder} is a file: pick a folder")
-
-
-def replace_folder(new, folder):
-    """Put the finished export `new` at `folder`, replacing an earlier export there whole."""
-    old = f"{folder.rstrip(os.sep)}.old-{os.getpid()}"
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    there = sorted(set(os.listdir(folder)) - {files.LOCK}) if os.path.isdir(folder) else []
+    listed = earlier_export(folder)
+    if listed is None:
+        files.guard([folder] if there else [], overwrite, "--hf_dir", folder, holds=lambda _: (
+                    f"is not empty and is not an earlier export (no {MARKER}; it holds {files.names(there)})"),
+                    overwrite_does="export into it anyway with --overwrite=True (its other files stay)")
+        listed = {}
+    replaced = [os.path.join(folder, n) for n in there if n != MARKER and (writes(n) or n in listed)]
+    unchanged = lambda path: listed.get(os.path.basename(path), "") in (None, file_sha256(path))  # noqa: E731
+    files.guard(replaced, overwrite, "--hf_dir", folder, ours=unchanged, holds=lambda paths: (
+                f"holds {files.names(paths)}, which this export would replace or remove, but which "
+                f"{'were changed since an earlier export wrote them' if listed else 'no export wrote'}"),
+                overwrite_does="replace them with --overwrite=True (once the new export is complete)")
+    return [n for n in there if n != MARKER and not writes(n) and n not in listed]
 
 
 install_error_hook()
 configure(globals(), sys.argv[1:])
 if not hf_dir:
     raise UserError("pass --hf_dir=FOLDER: where to write the transformers GPT-2 folder")
-check_target(hf_dir)
+hf_dir = hf_dir.rstrip(os.sep) or os.sep
+check_target(hf_dir, EXPORT_NAMES.fullmatch, overwrite)  # before the work; again once the names are known
 
 path = checkpoint.find(out_dir, ckpt)
 state = checkpoint.load(path)
@@ -144,8 +192,13 @@ except ValueError as e:
 hf.load_state_dict(gpt2_state_dict(sd, hf.state_dict(), args["bias"], vocab, path), strict=True, assign=True)
 hf.tie_weights()  # lm_head is wte again after assign=True
 
-staging = f"{hf_dir.rstrip(os.sep)}.tmp-{os.getpid()}"  # written in full first, then renamed into place
+staging = f"{hf_dir}.tmp-{os.getpid()}"  # written in full first, then swapped in whole
+created = not os.path.exists(hf_dir)  # then made here, for its lock, and removed again should the export fail
 try:
+    os.makedirs(hf_dir, exist_ok=True)
+    held = files.lock(hf_dir, "export", "--hf_dir")  # one export into hf_dir at a time, until this process ends
+    for stale in glob.glob(glob.escape(hf_dir) + ".tmp-*"):  # staging folders of killed exports (none runs: the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(staging)
     hf.save_pretrained(staging)
     for name, data in tokenizer_files.items():
@@ -162,8 +215,8 @@ try:
         with open(os.path.join(staging, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(meta["tokenizer_json"])
         special = {"eos_token": EOT, "bos_token": EOT} if eot is not None else {}
-        PreTrainedTokenizerFast(tokenizer_file=os.path.join(staging, "tokenizer.json"), model_max_length=args["block_size"],
-                                **special).save_pretrained(staging)
+        PreTrainedTokenizerFast(tokenizer_file=os.path.join(staging, "tokenizer.json"),
+                                model_max_length=args["block_size"], **special).save_pretrained(staging)
         tokenizer = f"your own tokenizer {meta['tokenizer']} (tokenizer.json)"
     elif "stoi" in meta:
         with open(os.path.join(staging, "char_vocab.json"), "w", encoding="utf-8") as f:
@@ -171,12 +224,17 @@ try:
         tokenizer = "char_vocab.json (character-level, no transformers tokenizer)"
     else:
         tokenizer = f"no tokenizer files (tokenizer {meta.get('tokenizer')!r} unknown here)"
-    with open(os.path.join(staging, MARKER), "w") as f:
-        json.dump({"checkpoint": os.path.abspath(path), "iter_num": state["iter_num"], "tokenizer": tokenizer}, f)
-    replace_folder(staging, hf_dir)
+    written = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+    files.write_json(os.path.join(staging, MARKER), {"checkpoint": os.path.abspath(path), "iter_num": state["iter_num"],
+                                                     "tokenizer": tokenizer, "files": written})
+    keep = check_target(hf_dir, lambda name: name in written or name == MARKER, overwrite)  # the names written now
+    files.swap_folder(staging, hf_dir, keep)
 except OSError as e:
-    raise UserError(f"cannot write to --hf_dir={hf_dir} ({e.strerror}): pick another folder") from None
+    raise files.failed(e, hf_dir, "export") from None
 finally:
     shutil.rmtree(staging, ignore_errors=True)  # only left if something failed
+    if created and os.path.isdir(hf_dir) and os.listdir(hf_dir) == [files.LOCK]:  # a failed export into a new folder
+        shutil.rmtree(hf_dir, ignore_errors=True)
 print(f"exported {path} (iter {state['iter_num']}) to {hf_dir}: GPT-2 with {args['n_layer']} layers, "
-      f"{args['n_head']} heads, n_embd {args['n_embd']}, {args['block_size']} positions, vocab {vocab}; {tokenizer}")
+      f"{args['n_head']} heads, n_embd {args['n_embd']}, {args['block_size']} positions, vocab {vocab}; {tokenizer}"
+      f"{f'; kept {files.names(keep)}, which no export wrote' if keep else ''}")

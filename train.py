@@ -225,6 +225,7 @@ def save_checkpoint(is_best, val_loss=None):
     if master:
         print(f"saved {'best and latest' if is_best else 'latest'} checkpoint to {out_dir} "
               f"at iter {iter_num} ({time.time() - t0:.2f}s)")
+        run_log.saved()  # a run that started over: its metrics.jsonl and loss.png replace the old run's now
     saved_iter = iter_num
 
 

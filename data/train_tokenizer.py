@@ -16,28 +16,35 @@ checkpoint carries the tokenizer it was trained with (sample.py, bits per byte, 
 
 import argparse
 import glob
+import json
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for lib/
+from lib import files  # noqa: E402
+from lib.dataset import add_overwrite  # noqa: E402
+from lib.errors import UserError  # noqa: E402
 
 EOT = "<|endoftext|>"
 
 
 def corpus_files(paths):
-    files = []
+    found = []
     for path in paths:
         if os.path.isdir(path):
-            files += sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
+            found += sorted(glob.glob(os.path.join(path, "**", "*.txt"), recursive=True))
         elif os.path.isfile(path):
-            files.append(path)
+            found.append(path)
         else:
-            raise SystemExit(f"error: {path} not found")
-    if not files:
-        raise SystemExit(f"error: no .txt files in {', '.join(paths)}")
-    return files
+            raise UserError(f"{path} not found")
+    if not found:
+        raise UserError(f"no .txt files in {', '.join(paths)}")
+    return found
 
 
-def train_tokenizer(files, vocab_size, min_frequency=2):
-    """A byte-level BPE tokenizers.Tokenizer trained on the files."""
+def train_tokenizer(corpus, vocab_size, min_frequency=2):
+    """A byte-level BPE tokenizers.Tokenizer trained on corpus: a list of files, or an iterator of texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -45,8 +52,27 @@ def train_tokenizer(files, vocab_size, min_frequency=2):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train(files, trainer)
+    if isinstance(corpus, list):
+        tok.train(corpus, trainer)
+    else:
+        tok.train_from_iterator(corpus, trainer)
     return tok
+
+
+def _kind(text):
+    """A tokenizer.json's settings: everything but the vocabulary and merges it learned."""
+    tokenizer = json.loads(text)
+    return {**tokenizer, "model": {k: v for k, v in tokenizer["model"].items() if k not in ("vocab", "merges")}}
+
+
+def written_here(path):
+    """Whether the file at path is a tokenizer this script wrote: a tokenizer.json whose settings (model, pre-
+    tokenizer, decoder, special tokens) are exactly those train_tokenizer gives, whatever it learned."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _kind(f.read()) == _kind(train_tokenizer(iter([""]), 257).to_str())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def main():
@@ -55,18 +81,28 @@ def main():
     p.add_argument("--vocab_size", type=int, default=4096, help="tokens in all: 256 bytes + merges + <|endoftext|>")
     p.add_argument("--min_frequency", type=int, default=2, help="a merge must occur at least this often")
     p.add_argument("--out", required=True, help="the tokenizer.json to write (beside the data it will tokenize)")
+    add_overwrite(p)
     args = p.parse_args()
     if args.vocab_size < 257:
-        raise SystemExit("error: --vocab_size must be at least 257 (256 bytes and <|endoftext|>)")
-    files = corpus_files(args.paths)
+        raise UserError("--vocab_size must be at least 257 (256 bytes and <|endoftext|>)")
+    files.check_file(args.out)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise files.failed(e, args.out, "tokenizer") from None
+    held = files.lock(folder, "tokenizer training", "--out")  # noqa: F841 (held until this process ends)
+    files.guard([args.out], args.overwrite, "--out", args.out, ours=written_here,
+                holds=lambda paths: "is a file that this script did not write (not a tokenizer of its kind)",
+                when="once the new one is trained")
+    corpus = corpus_files(args.paths)
     t0 = time.time()
-    tok = train_tokenizer(files, args.vocab_size, args.min_frequency)
+    tok = train_tokenizer(corpus, args.vocab_size, args.min_frequency)
     seconds = time.time() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tok.save(args.out)
-    print(f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens on {len(files)} file(s) in {seconds:.1f}s; "
+    files.write_atomic(args.out, lambda f: f.write(tok.to_str(pretty=True)), text=True, kind="tokenizer")
+    print(f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens on {len(corpus)} file(s) in {seconds:.1f}s; "
           f"wrote {args.out}")
-    text = "".join(open(f, encoding="utf-8").read() for f in files)
+    text = "".join(open(f, encoding="utf-8").read() for f in corpus)
     n_bytes = len(text.encode("utf-8"))
     ids = tok.encode(text).ids
     assert tok.decode(ids) == text, "byte-level BPE must round-trip"
@@ -84,4 +120,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # one line, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -21,6 +21,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from lib import files  # noqa: E402
+
 PRESET = "config/train_shakespeare_char_cpu.py"
 # name -> the train.py settings that add the technique to the GPT-2 recipe (biases are already off in the preset)
 RUNS = {
@@ -84,6 +86,9 @@ def read_metrics(path):
 
 
 def main():
+    from lib.runtime import install_error_hook
+
+    install_error_hook()  # a folder where the plot goes, a full disk: one line
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=45.0, help="wall-clock budget of each run's training loop")
     p.add_argument("--dataset", default="shakespeare_char")
@@ -149,7 +154,7 @@ def main():
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(a.plot)), exist_ok=True)
-    fig.savefig(a.plot)
+    files.save_figure(fig, a.plot)
     print(f"curves: {a.plot}")
 
 

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configurator import configure, script_settings  # noqa: E402
-from lib import scaling  # noqa: E402
+from lib import files, scaling  # noqa: E402
 from lib.batches import Batches, dataset_dir  # noqa: E402
 from lib.runtime import UserError, install_error_hook, setup  # noqa: E402
 from lib.step import seed_iteration, train_step  # noqa: E402
@@ -72,7 +72,7 @@ def plot(path, lrs, raw, smoothed, suggestion, steepest, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    files.save_figure(fig, path)
 
 
 def main():

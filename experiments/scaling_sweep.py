@@ -27,7 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lib import scaling  # noqa: E402
+from lib import files, scaling  # noqa: E402
 
 
 def non_embedding_params(depth, aspect, vocab_size=65, block_size=64):
@@ -89,10 +89,13 @@ def plot(path, points, fit, predicted, title):
     ax.set_title(title.replace(", predicting", ",\npredicting"), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    files.save_figure(fig, path)
 
 
 def main():
+    from lib.runtime import install_error_hook
+
+    install_error_hook()  # a folder where sweep.png goes, a full disk: one line
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shakespeare_char")
     p.add_argument("--depths", default="2,3,4,5", help="the family to fit (the depth dial)")
@@ -154,14 +157,13 @@ def main():
                     f"--target_flops or use smaller depths to fit the bigger-is-better side.")
     table = "\n".join(rows) + "\n\n" + summary + "\n"
     print("\n" + table)
-    with open(os.path.join(args.out_dir, "sweep.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out_dir, "sweep.json"), "w") as f:
-        json.dump({"fit": {"a": fit[0], "alpha": fit[1], "c": fit[2], "budget_flops": budgets[-1]},
-                   "prediction": {"depth": args.predict, "params": n_next, "predicted_loss": predicted_loss,
-                                  "val_loss": nxt["val_loss"], "error": error},
-                   "compute_optimal_depth": {f"{b:.3g}": d for b, d in optimal.items()},
-                   "points": points, "train_args": extra, "title": title}, f, indent=1)
+    files.write_atomic(os.path.join(args.out_dir, "sweep.md"), lambda f: f.write(table), text=True)
+    files.write_json(os.path.join(args.out_dir, "sweep.json"), {
+        "fit": {"a": fit[0], "alpha": fit[1], "c": fit[2], "budget_flops": budgets[-1]},
+        "prediction": {"depth": args.predict, "params": n_next, "predicted_loss": predicted_loss,
+                       "val_loss": nxt["val_loss"], "error": error},
+        "compute_optimal_depth": {f"{b:.3g}": d for b, d in optimal.items()},
+        "points": points, "train_args": extra, "title": title})
     plot(os.path.join(args.out_dir, "sweep.png"), points, fit, nxt, title)
     print(f"wrote {args.out_dir}/sweep.md, sweep.json and sweep.png")
 

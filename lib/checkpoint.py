@@ -24,12 +24,12 @@ import glob
 import os
 import re
 import shutil
-import socket
 import sys
 import warnings
 
 import torch
 
+from lib import files
 from lib.files import DiskFull, fsync_dir, write_atomic  # noqa: F401 (DiskFull: train.py catches it)
 from lib.runtime import UserError
 from model import GPT, GPTConfig
@@ -44,43 +44,45 @@ ARCH_KEYS = GPT2_KEYS + RECIPE_KEYS  # what a checkpoint fixes
 
 
 def lock(out_dir):
-    """
-    Make this process the only training run writing to out_dir, or stop with one line naming the other one.
-    The lock is an flock on out_dir/.lock, so it ends with the process, however the process ends (even
-    SIGKILL): a crashed run never leaves out_dir locked. Keep the returned file open for the whole run.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; runs there are not protected from each other
-        return None
-    f = open(os.path.join(out_dir, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise UserError(f"out_dir '{out_dir}' is in use by another training run ({holder}): wait for it to finish, "
-                        f"stop it, or pick another --out_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    return f
+    """Make this process the only training run writing to out_dir, or stop with one line naming the other one
+    (files.lock: an flock on out_dir/.lock, released however the process ends). Keep the returned file open."""
+    return files.lock(out_dir, "training run", "--out_dir")
+
+
+def trained(out_dir):
+    """Every checkpoint in out_dir, in either format: the latest state, the best model, snapshots (a DCP folder also
+    as the .old a kill mid-swap leaves), newest first; [] if it holds none."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [LATEST, LATEST_DCP, BEST, BEST_DCP] + _snapshots(out_dir)[::-1] + _snapshots(out_dir, ".dcp")[::-1]
+    names += [p[:-4] for p in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d{7}\.dcp\.old", p)]  # no newer folder
+    paths = dict.fromkeys(p for p in (_complete(os.path.join(out_dir, name)) for name in names) if p)
+    return sorted(paths, key=lambda p: -_iters(p))
 
 
 def guard(out_dir, init_from, overwrite):
-    """A run that does not resume must not replace a trained model in out_dir unless told to (--overwrite=True)."""
-    path = latest(out_dir)
-    if init_from == "resume" or overwrite or path is None:
+    """A run that does not resume must not replace a trained model in out_dir (any checkpoint: ckpt.pt, best.pt,
+    snapshots, .dcp folders) unless told to (--overwrite=True: files.guard, the rule every writer follows)."""
+    if init_from == "resume":
         return
-    try:
-        state = _peek(path)
-        what = f"a model trained for {state['iter_num']} iterations (best val loss {float(state['best_val_loss']):.4f})"
-    except Exception:
-        what = "a checkpoint"
-    raise UserError(f"out_dir '{out_dir}' already holds {what}: continue it with --init_from=resume, start over "
-                    f"there with --overwrite=True (replaces it), or pick another --out_dir")
+    found = trained(out_dir)
+
+    def holds(paths):
+        state = next((s for s in map(_peek_or_none, paths) if s and "iter_num" in s), None)
+        if state is None:
+            return f"already holds checkpoints ({files.names(paths)})"
+        best = state.get("best_val_loss")
+        best = f" (best val loss {float(best):.4f})" if best is not None else ""
+        return f"already holds a model trained for {state['iter_num']} iterations{best} in {files.names(paths)}"
+
+    if latest(out_dir):
+        other_way = "continue it with --init_from=resume"
+    elif any(re.fullmatch(r"ckpt_\d{7}\.(pt|dcp)", os.path.basename(p)) for p in found):
+        other_way = f"continue a snapshot by copying it to {LATEST} (or {LATEST_DCP}) and passing --init_from=resume"
+    else:
+        other_way = ""
+    files.guard(found, overwrite, "--out_dir", out_dir, holds=holds, other_way=other_way,
+                when="at the new run's first save")
 
 
 def check_writable(out_dir):
@@ -124,30 +126,35 @@ def _remove(path):
 
 
 def _remove_old_run(out_dir, keep):
-    """The first save of a run that started over (--overwrite=True): the old run's best model, snapshots and latest
-    state in either format go, but for the names in keep, which this save replaces (each atomically)."""
-    for name in [BEST, BEST_DCP, LATEST, LATEST_DCP] + _snapshots(out_dir) + _snapshots(out_dir, ".dcp"):
-        if name not in keep:
-            _remove(os.path.join(out_dir, name))
+    """After the first save of a run that started over (--overwrite=True): the old run's checkpoints, every one the
+    guard counted (trained()), go, but for the names in keep, which this save wrote."""
+    for path in trained(out_dir):
+        if os.path.basename(path) not in keep:
+            _remove(path)
 
 
 def save(state, out_dir, is_best=False, keep_last_n=0, replace=False, sharded=False):
     """
     Write state as out_dir/ckpt.pt (and best.pt, and a snapshot), never leaving a half-written file.
-    replace: the first save of a run that started over (--overwrite=True): the old run's best.pt and snapshots go.
+    replace: the first save of a run that started over (--overwrite=True): once this save is written, the old run's
+    best.pt and snapshots go (until then, everything of the old run stays).
     sharded: checkpoint_format='sharded', every rank calls this with its shards (save_sharded).
     """
     if sharded:
         return save_sharded(state, out_dir, is_best, keep_last_n, replace)
     for stale in glob.glob(os.path.join(out_dir, "*.pt.*.tmp")):  # leftovers of a process killed mid-save
         os.remove(stale)  # (no other run writes here: it would hold out_dir/.lock)
-    if replace:
-        _remove_old_run(out_dir, keep={LATEST} | ({BEST} if is_best else set()))
+    written = [BEST] if is_best else []
     if is_best:  # first, so that ckpt.pt never records a best val loss that best.pt does not hold
         _write_atomic(os.path.join(out_dir, BEST), {k: v for k, v in state.items() if k not in ("optimizer", "scaler")})
     _write_atomic(os.path.join(out_dir, LATEST), state)
+    written.append(LATEST)
     if keep_last_n > 0:
-        _write_atomic(os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.pt"), state)
+        written.append(f"ckpt_{state['iter_num']:07d}.pt")
+        _write_atomic(os.path.join(out_dir, written[-1]), state)
+    if replace:
+        _remove_old_run(out_dir, keep=written)
+    if keep_last_n > 0:
         for old in _snapshots(out_dir)[:-keep_last_n]:
             os.remove(os.path.join(out_dir, old))
     fsync_dir(out_dir)
@@ -205,8 +212,6 @@ def save_sharded(state, out_dir, is_best=False, keep_last_n=0, replace=False):
     if master:
         for stale in glob.glob(os.path.join(out_dir, "*.dcp.tmp")):  # leftovers of a run killed mid-save
             shutil.rmtree(stale)
-        if replace:
-            _remove_old_run(out_dir, keep={LATEST_DCP} | ({BEST_DCP} if is_best else set()))
     if _distributed():
         dist.barrier()  # no rank writes before that
     tensors = {k: state[k] for k in ("model", "optimizer")}
@@ -215,10 +220,13 @@ def save_sharded(state, out_dir, is_best=False, keep_last_n=0, replace=False):
         _write_dcp(os.path.join(out_dir, BEST_DCP), {"model": state["model"]},
                    {k: v for k, v in extra.items() if k != "scaler"}, master)
     _write_dcp(os.path.join(out_dir, LATEST_DCP), tensors, extra, master)
+    snapshot = f"ckpt_{state['iter_num']:07d}.dcp"
     if keep_last_n > 0:
-        _write_dcp(os.path.join(out_dir, f"ckpt_{state['iter_num']:07d}.dcp"), tensors, extra, master)
-        for old in _snapshots(out_dir, ".dcp")[:-keep_last_n] if master else []:
-            _remove(os.path.join(out_dir, old))
+        _write_dcp(os.path.join(out_dir, snapshot), tensors, extra, master)
+    if replace and master:  # as in save(): the old run goes once this save is written
+        _remove_old_run(out_dir, keep=[LATEST_DCP] + [BEST_DCP] * is_best + [snapshot] * (keep_last_n > 0))
+    for old in _snapshots(out_dir, ".dcp")[:-keep_last_n] if master and keep_last_n > 0 else []:
+        _remove(os.path.join(out_dir, old))
     if master:
         fsync_dir(out_dir)
 
@@ -261,19 +269,26 @@ def _peek(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def _peek_or_none(path):
+    try:
+        return _peek(path)
+    except Exception:
+        return None  # unreadable
+
+
+def _iters(path):
+    """A checkpoint's iter_num; -1 if it cannot be read."""
+    state = _peek_or_none(path)
+    return state["iter_num"] if isinstance(state, dict) and isinstance(state.get("iter_num"), int) else -1
+
+
 def _pick(out_dir, names):
     """Of the checkpoints names (one per format) that out_dir holds, the newer one (the higher iter_num; a tie: the
     first in names), so that switching checkpoint_format never resumes from the older state; None if none."""
     paths = [p for p in (_complete(os.path.join(out_dir, name)) for name in names) if p]
     if len(paths) < 2:
         return paths[0] if paths else None
-
-    def iters(path):
-        try:
-            return _peek(path)["iter_num"]
-        except Exception:
-            return -1  # unreadable: the other one
-    return max(paths, key=iters)
+    return max(paths, key=_iters)  # unreadable: the other one
 
 
 def latest(out_dir, prefer="full"):

@@ -30,7 +30,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from lib.dataset import BadInput, fail, gpt2_encoding, token_dtype, write_dataset
+from lib.dataset import BadInput, add_overwrite, claim, fail, gpt2_encoding, token_dtype, write_dataset
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 BATCH_DOCS = 512  # documents per task: enough to amortize passing it between processes, little enough to keep RAM low
@@ -58,6 +58,7 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
     p.add_argument("--split_by", choices=SAMPLE_BY, default="file", help="what one document is, in .txt files")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer.json (data/train_tokenizer.py)")
     p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)")
+    add_overwrite(p)
     p.set_defaults(**defaults)
     args = p.parse_args()
     if args.num_proc < 1:
@@ -69,6 +70,7 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
         fail(f"--tokenizer={args.tokenizer}: use gpt2, char, or the path of a tokenizer.json (data/train_tokenizer.py)")
     if not args.data_files and not args.hub_dataset:
         fail("no documents: pass --data_files=PATH (files or folders) or --hub_dataset=NAME")
+    claim(args.out_dir, args.overwrite)  # the only prepare writing there, over nothing it did not write
     return args
 
 

@@ -10,6 +10,10 @@ A prepared dataset is a folder holding
                         for a tokenizer.json (data/train_tokenizer.py) tokenizer is "hf:<sha256, 16 hex digits>"
                         and "tokenizer_file" (its path) and "tokenizer_json" (the file itself) come along}
 which batches.load_meta reads for train.py, sample.py, bench.py and export.py.
+
+A prepare is the only writer of its --out_dir while it runs (files.lock: a second one stops in one line naming it),
+and replaces only a dataset that a prepare wrote there earlier, which its meta.json says; bins or metadata of any
+other origin stay unless --overwrite=True, and even then until the new dataset is complete (claim()).
 """
 
 import argparse
@@ -23,12 +27,17 @@ import urllib.request
 
 import numpy as np
 
+from lib import files
+from lib.errors import UserError
+
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # the one table of token dtypes: the smallest that holds every id of the vocabulary
 TOKEN_DTYPES = ((1 << 16, "uint16"), (1 << 32, "uint32"))  # (largest vocab_size, dtype)
 TEMP_PREFIX = ".prepare-"  # out_dir/.prepare-<pid>.tmp/: the files being written
+OUTPUTS = ("meta.json", "train.bin", "val.bin")  # what a prepare writes (in this order), and ...
+REMOVED = ("meta.pkl",)  # ... what it removes: an older prepare's metadata, out of date once these are written
 
 
 class BadInput(Exception):
@@ -71,8 +80,10 @@ def read_text(input_path, dataset_dir, url=TINY_SHAKESPEARE_URL):
             except OSError as e:
                 fail(f"could not download {url} ({getattr(e, 'reason', e)}); pass a local copy of the text: "
                      f"python {script} --input=path/to/input.txt")
-            with open(input_path, "wb") as f:
-                f.write(data)
+            try:
+                files.write_atomic(input_path, lambda f: f.write(data), kind="text")
+            except UserError as e:
+                fail(str(e))
     if not os.path.isfile(input_path):
         fail(f"input file {input_path} not found")
     try:
@@ -89,7 +100,61 @@ def parse_args(description, dataset_dir):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
     parser.add_argument("--out_dir", default=dataset_dir, help="where to write train.bin, val.bin and meta.json")
-    return parser.parse_args()
+    add_overwrite(parser)
+    args = parser.parse_args()
+    claim(args.out_dir, args.overwrite)
+    return args
+
+
+def add_overwrite(parser):
+    """--overwrite=True (or --overwrite): replace bins or metadata in --out_dir that no prepare of this repo wrote."""
+    def boolean(value):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not True or False")
+        return value.lower() in ("true", "1", "yes")
+    parser.add_argument("--overwrite", type=boolean, nargs="?", const=True, default=False, metavar="True|False",
+                        help="replace train.bin, val.bin, meta.json or meta.pkl in --out_dir even if no prepare of "
+                             "this repo wrote them (they stay until the new dataset is complete)")
+
+
+def prepared_here(out_dir):
+    """Whether out_dir's meta.json is one that write_dataset wrote (its bins, and a meta.pkl, belong with it)."""
+    try:
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION and {"tokenizer", "vocab_size", "dtype",
+                                                                                 "tokens"} <= set(meta)
+
+
+_claimed = {}  # the output folders this process holds: real path -> its lock file
+
+
+def claim(out_dir, overwrite=False):
+    """
+    Before any work: make this process the only prepare writing into out_dir (files.lock), and check that what it
+    will replace there is an earlier prepare's dataset (files.guard, the rule every writer follows). Once per folder;
+    write_dataset claims a folder nobody claimed, without overwrite.
+    """
+    key = os.path.realpath(out_dir)
+    if key in _claimed:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        _claimed[key] = files.lock(out_dir, "prepare")
+        for name in OUTPUTS + REMOVED:
+            files.check_file(os.path.join(out_dir, name))
+        files.guard([os.path.join(out_dir, name) for name in OUTPUTS + REMOVED], overwrite, "--out_dir", out_dir,
+                    ours=lambda path: prepared_here(out_dir), holds=lambda paths: (
+                        f"already holds {files.names(paths)}, not a dataset that a "
+                        f"prepare of this repo wrote (its meta.json would say so)"),
+                    when="once the new dataset is complete")
+    except OSError as e:
+        fail(f"cannot write to {out_dir} ({e.strerror or e}): pass another --out_dir")
+    except UserError as e:
+        _claimed.pop(key, None)
+        fail(str(e))
 
 
 _signals = []  # the signals write_dataset received, should a library swallow the KeyboardInterrupt
@@ -101,26 +166,11 @@ def _interrupt(signum, frame):
 
 
 def _remove_stale_temps(out_dir):
-    """Temp folders of prepares that were killed (SIGKILL, power loss): their process no longer runs."""
+    """Temp folders of prepares that were killed (SIGKILL, power loss): this process holds out_dir's lock, so no
+    other prepare is writing them."""
     for name in os.listdir(out_dir):
-        if name.startswith(TEMP_PREFIX) and name.endswith(".tmp"):
-            try:
-                os.kill(int(name[len(TEMP_PREFIX):-4]), 0)
-                continue  # still running: another prepare writing here
-            except (ValueError, ProcessLookupError):
-                pass
-            except PermissionError:
-                continue
+        if name.startswith(TEMP_PREFIX) and name.endswith(".tmp") and name != f"{TEMP_PREFIX}{os.getpid()}.tmp":
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-
-
-def _fsync_dir(path):
-    if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable (POSIX)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _write_split(path, chunks, dtype, vocab_size):
@@ -151,9 +201,9 @@ def write_dataset(out_dir, splits, meta):
     over from before, which lib/batches.py reports, should the process die between the renames.
     """
     t0 = time.time()
+    claim(out_dir)  # (a prepare script claimed it already, before its work)
     tmp = os.path.join(out_dir, f"{TEMP_PREFIX}{os.getpid()}.tmp")
     try:
-        os.makedirs(out_dir, exist_ok=True)
         _remove_stale_temps(out_dir)
         os.makedirs(tmp)
     except OSError as e:
@@ -174,11 +224,12 @@ def write_dataset(out_dir, splits, meta):
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for name in ("meta.json", "train.bin", "val.bin"):
+        for name in OUTPUTS:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        if os.path.exists(os.path.join(out_dir, "meta.pkl")):  # an older prepare's metadata, now out of date
-            os.remove(os.path.join(out_dir, "meta.pkl"))
-        _fsync_dir(out_dir)
+        for name in REMOVED:
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        files.fsync_dir(out_dir)
     except (KeyboardInterrupt, OSError, BadInput) as e:
         for chunks in splits.values():  # stop the tokenizing processes and close their progress bars, then say why
             if hasattr(chunks, "close"):

@@ -7,6 +7,7 @@ out_dir/loss.png, samples during training, the training doctor, wandb, and the s
     run_log.step(iter_num, loss, lr, ...)           # at log lines: the step line, metrics.jsonl, the doctor
     run_log.eval(iter_num, losses, best, saved)     # at evals: the eval line, metrics.jsonl, loss.png, the doctor
     run_log.maybe_sample(iter_num)                  # every sample_interval steps: a short sample
+    run_log.saved()                                 # after each checkpoint save: a new run's files replace the old
     run_log.finish(iter_num)                        # the summary, loss.png, wandb.finish()
 
 Only rank 0 prints and writes; every rank makes the same calls (the loss is averaged over ranks at log lines).
@@ -25,6 +26,7 @@ from collections import deque
 
 import torch
 
+from lib import files
 from lib.runtime import UserError, why_not_compile
 from lib.tokenizer import load_tokenizer
 
@@ -191,15 +193,21 @@ class Doctor:
 class MetricsFile:
     """
     out_dir/metrics.jsonl. A resumed run from step k keeps the records with step <= k; a record that a resumed
-    run logs again at step k (its first eval) replaces the old one. Rewrites go through a temp file + os.replace.
+    run logs again at step k (its first eval) replaces the old one. A run that starts over where an earlier run's
+    metrics.jsonl is keeps that file until its own first save (commit()), holding its records in memory until
+    then, as the old checkpoints stay until then too. Rewrites go through files.write_atomic; appends stay appends.
     """
 
     def __init__(self, path, resume_step=None):
         self.path = path
-        kept = []
+        files.check_file(path)  # a folder in the way: one line now, not at the first log line
+        kept, self.pending = [], None
         if resume_step is not None and os.path.exists(path):
             kept = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
-        self._rewrite(kept)
+        if resume_step is None and any(os.path.exists(os.path.join(os.path.dirname(path), f)) for f in (METRICS, PLOT)):
+            self.pending = []  # an earlier run's files: replaced at this run's first save
+        else:
+            self._rewrite(kept)
         self.replaceable = {self.key(r) for r in kept if r.get("step") == resume_step}
         self.kept = kept
 
@@ -211,34 +219,55 @@ class MetricsFile:
     def read(path):
         """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
         records = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}): move it away, or pick "
+                            f"another --out_dir") from None
         return records
 
     def _rewrite(self, records):
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, self.path)
+        files.write_atomic(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)), text=True,
+                           kind="metrics.jsonl")
+
+    def commit(self):
+        """The first save of a run that started over: its records replace the earlier run's file."""
+        if self.pending is not None:
+            self._rewrite(self.pending)
+            self.pending = None
 
     def append(self, record):
+        if self.pending is not None:
+            self.pending.append(record)
+            return
         key = self.key(record)
         if key in self.replaceable:
             self.replaceable.discard(key)
             self._rewrite([r for r in self.read(self.path) if self.key(r) != key])
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                size = f.tell()
+                try:
+                    f.write(line)
+                    f.flush()
+                except OSError:
+                    f.truncate(size)  # no half line for the next record to run into
+                    raise
+        except OSError as e:
+            raise files.failed(e, self.path, "metrics.jsonl") from None
 
 
 # ----------------------------------------------------------------------------- loss.png
 
 def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
     """Train loss (every log line, and at evals) and val loss against steps (tokens on the top axis), lr on the
-    right axis; written to a temp file, then renamed over `path`."""
+    right axis; written atomically (files.write_atomic)."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state (the Agg canvas)
 
@@ -279,9 +308,7 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=4, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    files.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the run log
@@ -319,10 +346,12 @@ class RunLog:
         self.doctor = Doctor(self.tok.valid_vocab if self.tok else vocab_size, config["warmup_iters"],
                              config["grad_clip"], quiet_steps=max(config["eval_interval"], 10 * config["log_interval"]))
 
-        # metrics.jsonl: a resumed run continues the file, a new run starts it anew
+        # metrics.jsonl: a resumed run continues the file, a new run starts it anew (at its first save, where an
+        # earlier run's file is: saved())
         self.file, self.elapsed_before = None, 0.0
         if self.writes:
             resumed = config["init_from"] == "resume"
+            files.check_file(os.path.join(self.out_dir, PLOT))
             self.file = MetricsFile(os.path.join(self.out_dir, METRICS), start_iter if resumed else None)
             for r in self.file.kept:
                 self._remember(r)
@@ -472,9 +501,16 @@ class RunLog:
             print(f"eval at step {step}: {report.summary()}")
             self._record("tasks", step, **report.record())
 
+    def saved(self):
+        """After every checkpoint save (rank 0): the first one of a run that started over replaces the earlier run's
+        metrics.jsonl and loss.png, which stayed until then."""
+        if self.file is not None and self.file.pending is not None:
+            self.file.commit()
+            self.plot()
+
     def plot(self):
         self.t_plot = time.time()
-        if self.writes and (self.curve[0] or self.evals):
+        if self.writes and (self.curve[0] or self.evals) and self.file.pending is None:
             name = os.path.basename(os.path.abspath(self.out_dir))
             best = min((e["val_loss"] for e in self.evals), default=None)
             plot_losses(os.path.join(self.out_dir, PLOT), *self.curve, self.evals, self.tokens_per_iter,

@@ -12,10 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from configurator import ConfigError
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line saying what to do, exit code 1, no traceback."""
+from lib.errors import UserError  # noqa: F401 (defined without torch, for the data scripts; imported from here)
 
 
 def install_error_hook():
