@@ -194,9 +194,10 @@ hf.tie_weights()  # lm_head is wte again after assign=True
 
 staging = f"{hf_dir}.tmp-{os.getpid()}"  # written in full first, then swapped in whole
 created = not os.path.exists(hf_dir)  # then made here, for its lock, and removed again should the export fail
+held = None
 try:
     os.makedirs(hf_dir, exist_ok=True)
-    held = files.lock(hf_dir, "export", "--hf_dir")  # one export into hf_dir at a time, until this process ends
+    held = files.lock(hf_dir, "export", "--hf_dir")  # one export into hf_dir at a time
     for stale in glob.glob(glob.escape(hf_dir) + ".tmp-*"):  # staging folders of killed exports (none runs: the lock)
         shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(staging)
@@ -229,12 +230,15 @@ try:
                                                      "tokenizer": tokenizer, "files": written})
     keep = check_target(hf_dir, lambda name: name in written or name == MARKER, overwrite)  # the names written now
     files.swap_folder(staging, hf_dir, keep)
-except OSError as e:
+except Exception as e:  # a full disk, a folder in the way: one line (safetensors' own errors too)
+    if files.errno_of(e) is None:
+        raise
     raise files.failed(e, hf_dir, "export") from None
 finally:
     shutil.rmtree(staging, ignore_errors=True)  # only left if something failed
     if created and os.path.isdir(hf_dir) and os.listdir(hf_dir) == [files.LOCK]:  # a failed export into a new folder
         shutil.rmtree(hf_dir, ignore_errors=True)
+    files.unlock(held)
 print(f"exported {path} (iter {state['iter_num']}) to {hf_dir}: GPT-2 with {args['n_layer']} layers, "
       f"{args['n_head']} heads, n_embd {args['n_embd']}, {args['block_size']} positions, vocab {vocab}; {tokenizer}"
       f"{f'; kept {files.names(keep)}, which no export wrote' if keep else ''}")

@@ -18,7 +18,8 @@ experiments/ and data/*/prepare.py). Nothing here is run directly, except `pytho
     kernels      two of model.py's ops made fast (RMSNorm's backward, CPU bfloat16 attention)
     dataset      the dataset format (train.bin, val.bin, meta.json) and its crash-safe writing
     corpus       the corpus pipeline behind data/*/prepare.py: sources, validation split, parallel tokenization
-    files        the one atomic writer (temporary file, fsync, rename), which checkpoints use
+    files        the one atomic writer, the rule for what a script may replace (guard), one lock per folder
+    errors       UserError (a mistake the user can fix: one line), without torch
 
 The modules import each other in one direction only (no two import each other).
 """

@@ -7,7 +7,7 @@ metrics.jsonl, loss.png, datasets, tokenizers, exports, the HellaSwag download, 
     write_json(path, obj)                          # JSON, the same way
     save_figure(fig, path)                         # a matplotlib figure, the same way
     fsync_dir(folder)                              # make renames in folder durable
-    lock(folder, "prepare")                        # this process is folder's only writer until it ends
+    lock(folder, "prepare")                        # this process is folder's only writer until it ends (unlock)
     guard(paths, overwrite, "--out_dir", folder)   # stop unless what a write would replace is the script's own
     swap_folder(staged, folder, keep)              # a folder written in full beside folder, swapped in whole
 
@@ -26,6 +26,7 @@ never a training run's own to replace: train.py asks for --init_from=resume or -
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -39,9 +40,22 @@ class DiskFull(UserError):
     """A write ran out of space; the previous file is intact."""
 
 
+def errno_of(e):
+    """The error number of a failed write: an OSError's, or the '(os error N)' that libraries written in Rust
+    (safetensors, tokenizers) put in their messages; None for any other error."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found[1]) if found else None
+
+
 def failed(e, path, kind="file", needs_bytes=None):
-    """The OSError e, raised writing path, as one line (a UserError) that says what to do; kind names what path is."""
+    """The error e (an OSError, or errno_of(e) is not None), raised writing path, as one line (a UserError) that
+    says what to do; kind names what path is."""
     folder = os.path.dirname(os.path.abspath(path))
+    number = errno_of(e)
+    if not isinstance(e, OSError):
+        e = OSError(number, os.strerror(number) if number else str(e))
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         need = f"it needs about {needs_bytes / 2**20:,.1f} MiB and " if needs_bytes else ""
         try:
@@ -100,14 +114,16 @@ def write_atomic(path, write, text=False, needs_bytes=None, fsync_folder=False, 
     """
     check_file(path)
     tmp = f"{path}.{os.getpid()}.tmp"
+    source_error = None  # what write() raised other than by writing (reading what it copies, say): raised as it is
     try:
         with open(tmp, "w" if text else "wb", **({"encoding": "utf-8"} if text else {})) as f:
             recorded = _Recorded(f)
             try:
                 write(recorded)
-            except Exception:
+            except Exception as e:
                 if recorded.error is not None:
                     raise recorded.error from None
+                source_error = e
                 raise
             f.flush()
             os.fsync(f.fileno())
@@ -117,7 +133,8 @@ def write_atomic(path, write, text=False, needs_bytes=None, fsync_folder=False, 
     except BaseException as e:  # a full disk, a second Ctrl-C (a UserError), anything: no temporary file stays
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        # (a full disk, even where the writer wrote to the file descriptor itself, as PIL does)
+        if isinstance(e, OSError) and (e is not source_error or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise failed(e, path, kind, needs_bytes) from None
         raise
 
@@ -199,12 +216,23 @@ def lock(folder, what, setting="--out_dir"):
         holder = holder if holder[:1].isalpha() and not holder.startswith("pid ") else f"process ({holder or '?'})"
         raise UserError(f"{setting.lstrip('-')} '{folder}' is in use by another {holder}: wait for it to finish, stop "
                         f"it, or pick another {setting}") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}: {os.path.basename(sys.argv[0]) or 'python'})")
-    f.flush()
+    try:  # who holds it, for the message of the next one (only a message: a full disk does not stop the writer)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{what} (pid {os.getpid()} on {socket.gethostname()}: {os.path.basename(sys.argv[0]) or 'python'})")
+        f.flush()
+    except OSError:
+        pass
     _held.append(f)
     return f
+
+
+def unlock(f):
+    """Release a lock of lock() before the process ends (a script run in-process, a test)."""
+    if f is not None:
+        f.close()
+        if f in _held:
+            _held.remove(f)
 
 
 # ----------------------------------------------------------------------------- a folder written whole

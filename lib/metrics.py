@@ -204,7 +204,8 @@ class MetricsFile:
         kept, self.pending = [], None
         if resume_step is not None and os.path.exists(path):
             kept = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
-        if resume_step is None and any(os.path.exists(os.path.join(os.path.dirname(path), f)) for f in (METRICS, PLOT)):
+        earlier = [os.path.join(os.path.dirname(path), name) for name in (METRICS, PLOT)]
+        if resume_step is None and any(map(os.path.exists, earlier)):
             self.pending = []  # an earlier run's files: replaced at this run's first save
         else:
             self._rewrite(kept)
@@ -249,13 +250,13 @@ class MetricsFile:
         if key in self.replaceable:
             self.replaceable.discard(key)
             self._rewrite([r for r in self.read(self.path) if self.key(r) != key])
-        line = json.dumps(record) + "\n"
+        line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
                 size = f.tell()
                 try:
-                    f.write(line)
-                    f.flush()
+                    while line:
+                        line = line[f.write(line):]
                 except OSError:
                     f.truncate(size)  # no half line for the next record to run into
                     raise

@@ -8,20 +8,23 @@ and --overwrite=True keeping the old run's files until the new run's first save.
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 from conftest import REPO, TINY, run
-from lib import checkpoint, files, hellaswag, metrics
+from lib import checkpoint, files, metrics
 from lib.metrics import MetricsFile
 from lib.runtime import UserError
 from test_data import big_corpus, hf_env, wait_for_temp_bin  # noqa: F401 (hf_env: a fixture)
 from test_faults import fails
 from test_gpt2 import GPT2_META, export, padded_bpe_checkpoint
-from test_safety import FillsUp, no_temp_files, start_training
+from test_safety import FillsUp, no_temp_files, small_filesystem, start_training  # noqa: F401 (a fixture)
 
 
 def train(char_data, out_dir, *args, check=True):
@@ -222,18 +225,21 @@ def test_two_prepares_into_one_folder(hf_env, tmp_path):  # noqa: F811 (hf_env: 
 
 def test_the_lock_is_not_kept_by_forked_children(tmp_path):
     held = files.lock(str(tmp_path), "prepare")
+    ready, started = os.pipe()
     child = os.fork()
     if child == 0:  # a tokenizing worker, say, that lives on after its parent
+        os.write(started, b"1")  # (os.fork has returned here: the fork handlers have run)
         signal.pause()
         os._exit(0)
     try:
-        held.close()  # the parent ends
-        files._held.remove(held)
-        files.lock(str(tmp_path), "prepare").close()  # free: the child did not keep it
+        assert os.read(ready, 1) == b"1"
+        files.unlock(held)  # the parent ends
+        files.unlock(files.lock(str(tmp_path), "prepare"))  # free: the child did not keep it
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
-        files._held.clear()
+        os.close(ready)
+        os.close(started)
 
 
 def test_one_writer_per_folder_for_every_script(char_data, tmp_path, monkeypatch):
@@ -250,8 +256,7 @@ def test_one_writer_per_folder_for_every_script(char_data, tmp_path, monkeypatch
             export(monkeypatch, f"--out_dir={tmp_path / 'bpe'}", f"--hf_dir={out}")
         assert sorted(os.listdir(out)) == [".lock"] and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
     finally:
-        held.close()
-        files._held.remove(held)
+        files.unlock(held)
 
 
 # ----------------------------------------------------------------------------- the tokenizer trainer
@@ -315,15 +320,64 @@ def test_export_keeps_files_it_did_not_write_and_refuses_changed_ones(tmp_path, 
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
 
 
+# ----------------------------------------------------------------------------- a real full disk
+
+def test_a_full_disk_is_one_line_for_every_writer(tmp_path, small_filesystem, monkeypatch):  # noqa: F811
+    disk = small_filesystem(256 << 10) if os.geteuid() == 0 else None
+    if disk is None:
+        pytest.skip("mounting a tmpfs needs root (the other tests simulate ENOSPC)")
+    padded_bpe_checkpoint(tmp_path / "bpe", GPT2_META)
+    with pytest.raises(UserError, match=rf"disk full while saving {disk / 'hf'}: .* free in {disk}; the previous "
+                                        r"export there is intact"):
+        export(monkeypatch, f"--out_dir={tmp_path / 'bpe'}", f"--hf_dir={disk / 'hf'}")  # 7 MB into 256 KiB
+    assert os.listdir(disk) == []
+    with open(disk / "filler", "wb", buffering=0) as f:  # then nothing more fits
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    fails(run("data/train_tokenizer.py", str(small_text(tmp_path)), "--vocab_size=300",
+              f"--out={disk / 'bpe' / 'tokenizer.json'}", check=False), "disk full while saving")
+    fails(prepare_char(tmp_path, disk / "data", check=False), "free some disk space or pass another --out_dir")
+    leftovers = [os.path.join(root, name) for root, dirs, names in os.walk(disk) for name in dirs + names]
+    assert sorted(os.path.relpath(p, disk) for p in leftovers) == ["bpe", "bpe/.lock", "data", "data/.lock", "filler"]
+
+
 # ----------------------------------------------------------------------------- the other writers
 
-def test_hellaswag_download_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+def test_a_download_on_a_full_disk_leaves_nothing_and_a_failed_read_stays_a_download_error(tmp_path, monkeypatch):
+    """core_eval.fetch (the HellaSwag file, the eval bundle) writes through write_atomic: a full disk is a disk
+    error, a source that fails mid-read stays a download error, and neither leaves a file."""
+    from lib import core_eval
+
     source = tmp_path / "hellaswag_val.jsonl"
     source.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
+    cache = tmp_path / "cache"
     full_disk(monkeypatch)
     with pytest.raises(UserError, match="disk full while saving .*hellaswag_val.jsonl"):
-        hellaswag.download(str(tmp_path / "cache"), url=source.as_uri())
-    assert os.listdir(tmp_path / "cache") == []
+        core_eval.fetch(source.as_uri(), str(cache / "hellaswag_val.jsonl"), "pass --input")
+    monkeypatch.undo()
+
+    server = socket.socket()  # a server whose connection drops mid-file (a reset: an OSError while reading)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/x.jsonl"
+    with pytest.raises(UserError, match=rf"could not download {url} \(.*reset.*\): pass --input"):
+        core_eval.fetch(url, str(cache / "x.jsonl"), "pass --input")
+    thread.join()
+    server.close()
+    assert os.listdir(cache) == []
 
 
 def test_sweep_outputs_are_written_atomically(tmp_path):
