@@ -10,6 +10,9 @@ and its vocabulary padding (50304 rows) is cut back to GPT-2's 50257 tokens. A c
 char_vocab.json ({character: id}) instead of a tokenizer. A checkpoint trained on data in your own tokenizer
 (data/train_tokenizer.py) gets its tokenizer.json (which the checkpoint's metadata carries) and tokenizer_config.json.
 bias=False exports with zero biases, which is exact.
+A chat checkpoint (finetuned on data/chat/prepare.py's data) keeps the rows of its chat tokens, and its tokenizer gets
+them as special tokens with the chat template (a character-level one gets a transformers tokenizer of its characters
+too), so tokenizer.apply_chat_template(messages) gives chat.py's ids and generate() stops at <|end|> (lib/chat.py).
 
 The folder is written in full beside hf_dir, then swapped in whole (files.swap_folder). export.json lists every file
 an export wrote, with its sha256: a later export into the same folder replaces those (and removes the ones it no
@@ -29,7 +32,7 @@ import sys
 import torch
 
 from configurator import configure
-from lib import checkpoint, files
+from lib import chat, checkpoint, files
 from lib.batches import checkpoint_meta
 from lib.runtime import UserError, install_error_hook
 from model import CONV1D_WEIGHTS, GPTConfig
@@ -175,6 +178,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 eot, dropout = (GPT2_VOCAB - 1 if is_gpt2 else None), args.get("dropout", 0.0)
+if meta.get("chat"):  # a chat model: its vocabulary runs to the chat tokens (lib/chat.py), and a reply ends at <|end|>
+    vocab = chat.ChatTokenizer(meta).vocab_size
 own_tokenizer = str(meta.get("tokenizer", "")).startswith("hf:") and "tokenizer_json" in meta  # train_tokenizer.py's
 if own_tokenizer:
     from lib.tokenizer import load_tokenizer  # noqa: E402
@@ -184,7 +189,8 @@ try:
     config = GPT2Config(vocab_size=vocab, n_positions=args["block_size"], n_embd=args["n_embd"],
                         n_layer=args["n_layer"], n_head=args["n_head"], activation_function="gelu_new",
                         layer_norm_epsilon=1e-5, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot)
+                        tie_word_embeddings=True, bos_token_id=eot,
+                        eos_token_id=meta["chat"]["tokens"][chat.END] if meta.get("chat") else eot)
     with torch.device("meta"):  # shapes only: the weights come from the checkpoint
         hf = GPT2LMHeadModel(config)
 except ValueError as e:
@@ -222,9 +228,11 @@ try:
     elif "stoi" in meta:
         with open(os.path.join(staging, "char_vocab.json"), "w", encoding="utf-8") as f:
             json.dump(meta["stoi"], f, ensure_ascii=False, indent=0)
-        tokenizer = "char_vocab.json (character-level, no transformers tokenizer)"
+        tokenizer = f"char_vocab.json (character-level{'' if meta.get('chat') else ', no transformers tokenizer'})"
     else:
         tokenizer = f"no tokenizer files (tokenizer {meta.get('tokenizer')!r} unknown here)"
+    if meta.get("chat"):  # the chat tokens and template, so that apply_chat_template gives chat.py's ids
+        tokenizer += chat.export_tokenizer(staging, meta, args["block_size"])
     written = {name: file_sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
     files.write_json(os.path.join(staging, MARKER), {"checkpoint": os.path.abspath(path), "iter_num": state["iter_num"],
                                                      "tokenizer": tokenizer, "files": written})

@@ -18,8 +18,8 @@ import time
 import torch
 
 from configurator import configure
-from lib import checkpoint, core_eval, freeze, optim, parallel, scaling
-from lib.batches import Batches, dataset_dir
+from lib import chat, chat_data, checkpoint, core_eval, finetune, freeze, optim, parallel, scaling
+from lib.batches import dataset_dir
 from lib.metrics import RunLog, mean_over_ranks
 from lib.runtime import UserError, can_compile, install_error_hook, peak_flops, setup
 from lib.step import StopSignal, estimate_loss, seed_iteration, train_step
@@ -35,7 +35,7 @@ eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every evaluation, not only when val loss improves
 keep_last_n = 0  # also keep the last n checkpoints as ckpt_NNNNNNN.pt (0: none)
 checkpoint_format = "full"  # 'full': one ckpt.pt file; 'sharded': ckpt.dcp/, every rank writes its shard (big FSDP)
-init_from = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt or .dcp), 'gpt2'..'gpt2-xl', or a local HF GPT-2 folder
+init_from = "scratch"  # 'scratch', 'resume', 'gpt2'..'gpt2-xl', a HF GPT-2 folder, or a checkpoint to finetune (a .pt)
 overwrite = False  # let a run that does not resume replace the checkpoints already in out_dir
 # wandb logging
 wandb_log = False
@@ -131,6 +131,7 @@ if max_seconds > 0 and world_size > 1:
 if unfreeze_every and optimizer == "muon":
     raise UserError("unfreeze_every works with optimizer='adamw' only (Muon's groups are fixed when it is built)")
 checkpoint.check_format(checkpoint_format, optimizer)
+source = finetune.source(init_from, out_dir)  # a checkpoint of this repo to finetune (weights, tokenizer), or None
 if decay_lr and not warmup_iters < lr_decay_iters:
     raise UserError(f"warmup_iters={warmup_iters} must be smaller than lr_decay_iters={lr_decay_iters}")
 if master and not eval_only:
@@ -140,14 +141,18 @@ if master and not eval_only:
 
 # ----------------------------------------------------------------------------- model and data
 resume_path = os.path.join(out_dir, checkpoint.FORMATS[checkpoint_format])  # where this run saves
-state = None
+state = source_state = None
 if init_from == "resume":
     loaded_path, state = checkpoint.load_latest(out_dir, checkpoint_format)  # a .dcp: weights come after wrapping
     checkpoint.check_model_args(state, loaded_path, config, explicit)
     block_size = state["model_args"]["block_size"]
+elif source:  # its architecture, and its block_size unless a shorter one is asked for
+    source_state, arch = finetune.load(source, config, explicit)
+    globals().update(arch)
+    config.update(arch)
 accum_steps = parallel.accumulation(total_batch_size, gradient_accumulation_steps, batch_size, block_size, world_size)
 gradient_accumulation_steps = config["gradient_accumulation_steps"] = accum_steps * world_size
-batches = Batches(dataset_dir(dataset), block_size, batch_size, device, seed)
+batches = chat_data.open_batches(dataset_dir(dataset), block_size, batch_size, device, seed)  # chat data: masked
 
 iter_num, best_val_loss = 0, float("inf")
 saved_iter = state["iter_num"] if init_from == "resume" else None  # the iteration ckpt.pt holds, once there is one
@@ -161,13 +166,17 @@ elif init_from == "resume":
     model = checkpoint.model_from_checkpoint(state, dropout if "dropout" in explicit else None)
     iter_num = state["iter_num"]
     best_val_loss = checkpoint.reconcile_best(out_dir, state) if master else state["best_val_loss"]
+elif source:
+    model = finetune.model(source, source_state, block_size, dropout, master)
 else:  # OpenAI GPT-2 weights, by name or from a local folder
     model = checkpoint.load_pretrained(init_from, dropout, also_valid="scratch, resume")
     if block_size > model.config.block_size:
         raise UserError(f"block_size={block_size} is longer than {init_from}'s {model.config.block_size} positions")
     model.crop_block_size(block_size)
+if init_from not in ("scratch", "resume"):  # finetuning on chat data: rows for the chat tokens the model never saw
+    chat.fit_vocab(model, batches.meta, (source_state or {}).get("meta"), print if master else lambda line: None)
 batches.check_vocab(model.config.vocab_size)
-batches.check_tokenizer(init_from, state)  # resuming or finetuning needs data in the model's tokenizer
+batches.check_tokenizer(init_from, state or source_state)  # resuming or finetuning needs data in the model's tokenizer
 model_args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
 model.to(device)
 
@@ -187,7 +196,7 @@ if state is not None:
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
 wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
-state = None  # free the checkpoint's memory
+state = source_state = None  # free the checkpoints' memory
 if fsdp and (sample_interval or eval_every):  # rank 0 alone, or ranks unevenly: not with sharded weights
     sample_interval = eval_every = config["sample_interval"] = config["eval_every"] = 0
 evalset = core_eval.for_training(config, batches.meta, gpt.config.vocab_size, rank, world_size) if eval_every else None
@@ -285,7 +294,8 @@ while True:
         print(f"iter {iter_num}: {freeze.describe(gpt, unfrozen)}")
     optim.set_lr(optimizer, lr)
     seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index
-    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank)
+    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank,
+                                          world_size)
     run_log.count_step(grad_norm)  # clipping, counted on the device
     bad_total = bad_total + skipped
     bad_streak = (bad_streak + 1) * skipped  # back to 0 on a good step

@@ -110,6 +110,8 @@ def plain_meta(meta, where):
                         f"that dataset's prepare.py")
     if isinstance(meta.get("tokenizer_json"), str):  # your own tokenizer (data/train_tokenizer.py): checkpoints keep it
         plain["tokenizer_json"] = meta["tokenizer_json"]
+    if isinstance(meta.get("chat"), dict):  # chat data's template (lib/chat.py): checkpoints keep it too
+        plain["chat"] = meta["chat"]
     if itos is not None:
         plain["stoi"] = {ch: i for i, ch in itos.items()}
         plain["itos"] = itos
@@ -183,7 +185,7 @@ class Batches:
             if counts and split in counts and tokens != counts[split]:
                 raise UserError(f"{path} has {tokens:,} tokens but {meta_path} says {counts[split]:,}: they come from "
                                 f"different prepares (one interrupted?); re-run `python {prepare}`")
-            if tokens <= block_size:
+            if tokens <= block_size and not self.meta.get("chat"):  # chat data: whole conversations (chat_data.py)
                 raise UserError(f"{path} has {tokens} tokens, too few for block_size={block_size}: "
                                 f"use a smaller --block_size")
         # the vocabulary a new model needs; None for GPT-2 BPE, which train.py pads to 50304 (a multiple of 64: faster)
@@ -206,7 +208,7 @@ class Batches:
         every id means the same text; else training goes on quietly with the ids' meanings swapped."""
         if init_from == "scratch":
             return
-        if init_from == "resume":
+        if state is not None:  # resuming, or finetuning a checkpoint of this repo
             theirs, what = checkpoint_meta(state), "the checkpoint"
         elif os.path.isfile(os.path.join(init_from, "char_vocab.json")):  # export.py's character-level model
             with open(os.path.join(init_from, "char_vocab.json"), encoding="utf-8") as f:

@@ -168,11 +168,17 @@ def split_off_validation(dataset, fraction, seed):
     each split (the same random permutation), each split in the source's order rather than shuffled: batches of
     documents are then read from consecutive rows, which keeps reading the corpus sequential on disk and in memory.
     """
-    permutation = np.random.default_rng(seed).permutation(len(dataset))
-    n_val = math.ceil(fraction * len(dataset))
-    if n_val >= len(dataset):
-        fail(f"--val_fraction={fraction} of {len(dataset):,} documents leaves none to train on")
-    return dataset.select(np.sort(permutation[n_val:])), dataset.select(np.sort(permutation[:n_val]))
+    train_rows, val_rows = validation_rows(len(dataset), fraction, seed)
+    return dataset.select(train_rows), dataset.select(val_rows)
+
+
+def validation_rows(n, fraction, seed):
+    """(train rows, val rows) of split_off_validation for n documents: sorted row indices."""
+    permutation = np.random.default_rng(seed).permutation(n)
+    n_val = math.ceil(fraction * n)
+    if n_val >= n:
+        fail(f"--val_fraction={fraction} of {n:,} documents leaves none to train on")
+    return np.sort(permutation[n_val:]), np.sort(permutation[:n_val])
 
 
 # ----------------------------------------------------------------------------- tokens, in parallel and in order
@@ -249,10 +255,19 @@ def _worker_batch(start):
     return fn(docs), len(texts), len(docs)
 
 
-def in_batches(fn, dataset, field, num_proc):
+def _worker_rows(start):
+    """fn(rows, start) of the rows [start, start + BATCH_DOCS), whatever they hold: (result, rows, documents)."""
+    dataset, field, fn = _WORK
+    return fn(dataset[start:start + BATCH_DOCS][field], start)
+
+
+def in_batches(fn, dataset, field, num_proc, whole_rows=False):
     """(fn(documents), rows, documents) for consecutive batches of the dataset, in order. num_proc processes work
-    on at most 2 * num_proc batches at a time, so memory stays bounded whatever the corpus size."""
+    on at most 2 * num_proc batches at a time, so memory stays bounded whatever the corpus size. whole_rows: fn gets
+    each batch's rows as they are (not only non-empty text) and its first row's index, and returns the triple itself
+    (lib/chat_data.py's conversations)."""
     starts = range(0, len(dataset), BATCH_DOCS)
+    work = _worker_rows if whole_rows else _worker_batch
     # fork starts workers that already hold the dataset and the tokenizer; elsewhere spawn pickles them over
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     # each worker is replaced after TASKS_PER_WORKER batches: the pages of the memory-mapped corpus that it read
@@ -261,7 +276,7 @@ def in_batches(fn, dataset, field, num_proc):
                       maxtasksperchild=TASKS_PER_WORKER) as pool:
         pending = collections.deque()
         for start in starts:
-            pending.append(pool.apply_async(_worker_batch, (start,)))
+            pending.append(pool.apply_async(work, (start,)))
             if len(pending) >= 2 * num_proc:
                 yield pending.popleft().get()
         while pending:

@@ -9,7 +9,9 @@ A prepared dataset is a folder holding
                         "source": where the text came from, and for "char" "vocab": the characters in id order;
                         for a tokenizer.json (data/train_tokenizer.py) tokenizer is "hf:<sha256, 16 hex digits>"
                         and "tokenizer_file" (its path) and "tokenizer_json" (the file itself) come along}
-which batches.load_meta reads for train.py, sample.py, bench.py and export.py.
+which batches.load_meta reads for train.py, sample.py, bench.py and export.py. Chat data (lib/chat_data.py) adds
+    train_mask.bin, val_mask.bin        a byte per token: 1 where it is trained on (the assistant's tokens)
+    train_lengths.bin, val_lengths.bin  each conversation's token count, uint32; and meta.json's "chat" (lib/chat.py)
 
 A prepare is the only writer of its --out_dir while it runs (files.lock: a second one stops in one line naming it),
 and replaces only a dataset that a prepare wrote there earlier, which its meta.json says; bins or metadata of any
@@ -38,6 +40,8 @@ TOKEN_DTYPES = ((1 << 16, "uint16"), (1 << 32, "uint32"))  # (largest vocab_size
 TEMP_PREFIX = ".prepare-"  # out_dir/.prepare-<pid>.tmp/: the files being written
 OUTPUTS = ("meta.json", "train.bin", "val.bin")  # what a prepare writes (in this order), and ...
 REMOVED = ("meta.pkl",)  # ... what it removes: an older prepare's metadata, out of date once these are written
+# chat data's per-split files beside the bins (lib/chat_data.py): written by its prepare, removed by any other
+SIDECARS = tuple(f"{split}_{name}.bin" for name in ("mask", "lengths") for split in SPLITS)
 
 
 class BadInput(Exception):
@@ -143,9 +147,10 @@ def claim(out_dir, overwrite=False):
     try:
         os.makedirs(out_dir, exist_ok=True)
         _claimed[key] = files.lock(out_dir, "prepare")
-        for name in OUTPUTS + REMOVED:
-            files.check_file(os.path.join(out_dir, name))
-        files.guard([os.path.join(out_dir, name) for name in OUTPUTS + REMOVED], overwrite, "--out_dir", out_dir,
+        outputs = [os.path.join(out_dir, name) for name in OUTPUTS + REMOVED + SIDECARS]
+        for path in outputs:
+            files.check_file(path)
+        files.guard(outputs, overwrite, "--out_dir", out_dir,
                     ours=lambda path: prepared_here(out_dir), holds=lambda paths: (
                         f"already holds {files.names(paths)}, not a dataset that a "
                         f"prepare of this repo wrote (its meta.json would say so)"),
@@ -174,19 +179,33 @@ def _remove_stale_temps(out_dir):
 
 
 def _write_split(path, chunks, dtype, vocab_size):
-    """Stream an iterable of token-id arrays into a flat file; returns the number of tokens."""
-    count = 0
+    """
+    Stream an iterable of token-id arrays into a flat file; returns the number of tokens. A chunk may instead be a
+    dict {"ids": token ids, NAME: array, ...}: each other array goes, in its own dtype, to its own file beside the
+    split's, <split>_NAME.bin (chat data's per-token loss mask and conversation lengths: lib/chat_data.py).
+    """
+    count, sidecars = 0, {}
     with open(path, "wb") as f:
-        for chunk in chunks:
-            chunk = np.asarray(chunk)
-            if chunk.size and int(chunk.max()) >= vocab_size:  # never write an id the vocabulary lacks
-                raise BadInput(f"token id {int(chunk.max())} is outside the vocabulary of {vocab_size:,}")
-            chunk.astype(dtype, copy=False).tofile(f)
-            count += chunk.size
-        if count == 0:
-            raise BadInput(f"the {os.path.basename(path)[:-4]} split has no tokens: give it more text")
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            for chunk in chunks:
+                extra = {k: v for k, v in chunk.items() if k != "ids"} if isinstance(chunk, dict) else {}
+                chunk = np.asarray(chunk["ids"] if isinstance(chunk, dict) else chunk)
+                if chunk.size and int(chunk.max()) >= vocab_size:  # never write an id the vocabulary lacks
+                    raise BadInput(f"token id {int(chunk.max())} is outside the vocabulary of {vocab_size:,}")
+                chunk.astype(dtype, copy=False).tofile(f)
+                count += chunk.size
+                for name, array in extra.items():
+                    if name not in sidecars:
+                        sidecars[name] = open(f"{path[:-4]}_{name}.bin", "wb")
+                    np.asarray(array).tofile(sidecars[name])
+            if count == 0:
+                raise BadInput(f"the {os.path.basename(path)[:-4]} split has no tokens: give it more text")
+            for g in (f, *sidecars.values()):
+                g.flush()
+                os.fsync(g.fileno())
+        finally:
+            for g in sidecars.values():
+                g.close()
     return count
 
 
@@ -224,9 +243,10 @@ def write_dataset(out_dir, splits, meta):
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        for name in OUTPUTS:
+        written = OUTPUTS + tuple(sorted(set(os.listdir(tmp)) - set(OUTPUTS)))  # and chat data's sidecars
+        for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-        for name in REMOVED:
+        for name in REMOVED + tuple(n for n in SIDECARS if n not in written):  # another kind of prepare's
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         files.fsync_dir(out_dir)

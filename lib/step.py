@@ -33,15 +33,19 @@ def seed_iteration(seed, rank, iter_num):
     manual_seed(int(np.random.SeedSequence([seed, rank, iter_num]).generate_state(1)[0]))
 
 
-def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip, rank=0):
+def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocast, grad_clip, rank=0, world_size=1):
     """
     One optimizer step over accum_steps micro-batches. Returns (loss, grad_norm, skipped) as device tensors,
     so nothing here waits for the GPU. A step whose gradients are not finite is skipped: no update at all.
     Under torchrun, rank r draws the step's micro-batches r * accum_steps ... (r + 1) * accum_steps - 1: the
     batches of a step are the same for 1, 2 or 8 ranks with the same total accumulation.
+    The loss is the mean over the step's targets: with every target trained (text), the mean of the micro-steps'
+    means; with a loss mask (chat data: lib/chat_data.py), micro-batches weigh by how many trained targets they hold.
     """
     first = rank * accum_steps  # this rank's first micro-batch, by its index in the whole step
     base_seed = torch.initial_seed()  # seed_iteration's; micro-step k of the step draws dropout from base_seed + k
+    weights = batches.loss_weights(iter_num, first, accum_steps, world_size) if hasattr(batches, "loss_weights") \
+        else None
     X, Y = batches.get("train", iter_num, first)
     mean_loss = 0.0  # over the micro-batches
     for micro_step in range(accum_steps):
@@ -50,7 +54,8 @@ def train_step(model, optimizer, scaler, batches, iter_num, accum_steps, autocas
         manual_seed(base_seed + first + micro_step)
         with autocast:
             _, loss = model(X, Y)
-            loss = loss / accum_steps  # the gradient of the mean over all micro-batches
+            # the gradient of the mean over all the step's targets
+            loss = loss / accum_steps if weights is None else loss * weights[micro_step]
         if micro_step + 1 < accum_steps:
             X, Y = batches.get("train", iter_num, first + micro_step + 1)  # prepared while the device computes
         else:

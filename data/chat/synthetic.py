@@ -1,0 +1,110 @@
+"""
+Synthetic conversations with exact answers, for a chat finetuning demo that runs offline on a CPU (docs/chat.md):
+
+    python data/chat/synthetic.py --out=data/chat_tasks      # train.jsonl and test.jsonl of four tasks
+    python data/chat/prepare.py --data_files=data/chat_tasks/train.jsonl --tokenizer=data/shakespeare_char \
+        --block_size=64 --out=data/chat_tasks
+    python eval_chat.py --out_dir=out-chat-tasks --tests=data/chat_tasks/test.jsonl     # held-out accuracy
+
+The tasks, in the spirit of nanochat's SpellingBee, written in tiny Shakespeare's characters (letters, spaces and a
+little punctuation: no digits but 3), so a model pretrained there can read them:
+
+    spell    "spell honour"                                    -> "h-o-n-o-u-r"
+    reverse  "spell honour backwards"                          -> "ruonoh"
+    count    "how many times does the letter o appear in honour?" -> "two"
+    add      "what is seven plus five?"                        -> "twelve"
+
+The words are the lowercase words of 3 to 8 letters of a text (tiny Shakespeare by default), split at random into
+training words and held-out words; test.jsonl asks only about held-out words (and held-out pairs of numbers), so its
+accuracy measures what the model learned to do, not what it memorized. Every row has a "task" field for
+eval_chat.py's per-task accuracy. The same --seed gives the same files.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)  # the repo, for lib/
+from lib.files import write_atomic  # noqa: E402
+
+NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+           "seventeen eighteen nineteen twenty").split()
+TASKS = ("spell", "reverse", "count", "add")
+MAX_TERM = 10  # add: both terms in 0..10, so every sum has a word
+
+
+def conversation(task, question, answer):
+    return {"task": task, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def spell(word, rng):
+    return conversation("spell", f"spell {word}", "-".join(word))
+
+
+def reverse(word, rng):
+    return conversation("reverse", f"spell {word} backwards", word[::-1])
+
+
+def count(word, rng):
+    # half the time a letter of the word, else any letter: answers from zero up
+    letter = rng.choice(word) if rng.random() < 0.5 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+    return conversation("count", f"how many times does the letter {letter} appear in {word}?",
+                        NUMBERS[word.count(letter)])
+
+
+def add(pair, rng):
+    a, b = pair
+    return conversation("add", f"what is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b])
+
+
+def default_text():
+    for path in (os.environ.get("TINY_SHAKESPEARE"), os.path.join(REPO, "data", "shakespeare_char", "input.txt")):
+        if path and os.path.isfile(path):
+            return path
+    sys.exit("error: no text for the words: pass --words_from=path/to/input.txt (e.g. tiny Shakespeare)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(REPO, "data", "chat_tasks"), help="folder for train/test.jsonl")
+    p.add_argument("--words_from", help="a text whose words to use (default: tiny Shakespeare)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"some of {','.join(TASKS)}")
+    p.add_argument("--train", type=int, default=20000, help="training conversations per task")
+    p.add_argument("--test", type=int, default=200, help="held-out conversations per task")
+    p.add_argument("--held_out", type=float, default=0.2, help="share of the words (and sums) kept for testing")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args()
+    tasks = args.tasks.split(",")
+    if not tasks or set(tasks) - set(TASKS):
+        sys.exit(f"error: --tasks={args.tasks}: choose among {','.join(TASKS)}")
+    path = args.words_from or default_text()
+    with open(path, encoding="utf-8") as f:
+        words = sorted(set(re.findall(r"\b[a-z]{3,8}\b", f.read())))
+    if len(words) < 20:
+        sys.exit(f"error: {path} has only {len(words)} lowercase words of 3 to 8 letters: give a longer text")
+    rng = random.Random(args.seed)
+    rng.shuffle(words)
+    pairs = [(a, b) for a in range(MAX_TERM + 1) for b in range(MAX_TERM + 1)]
+    rng.shuffle(pairs)
+    cut_words, cut_pairs = int(len(words) * args.held_out), int(len(pairs) * args.held_out)
+    pools = {"train": (words[cut_words:], pairs[cut_pairs:]), "test": (words[:cut_words], pairs[:cut_pairs])}
+    make = {"spell": spell, "reverse": reverse, "count": count, "add": add}
+    os.makedirs(args.out, exist_ok=True)
+    for split, n in (("train", args.train), ("test", args.test)):
+        split_words, split_pairs = pools[split]
+        rows = [make[task](rng.choice(split_pairs if task == "add" else split_words), rng)
+                for task in tasks for _ in range(n)]
+        rng.shuffle(rows)
+        out = os.path.join(args.out, f"{split}.jsonl")
+        write_atomic(out, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), text=True)
+        print(f"wrote {out}: {len(rows):,} conversations ({', '.join(tasks)}) about {len(split_words):,} words "
+              f"and {len(split_pairs)} sums")
+
+
+if __name__ == "__main__":
+    main()
