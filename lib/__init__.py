@@ -1,5 +1,5 @@
 """
-The machinery the scripts at the repo's root share (train.py, sample.py, bench.py, export.py, eval.py,
+The machinery the scripts at the repo's root share (train.py, sample.py, chat.py, bench.py, export.py, eval*.py,
 experiments/ and data/*/prepare.py). Nothing here is run directly, except `python -m lib.checkpoint convert` and
 `python -m lib.parallel`.
 
@@ -20,6 +20,9 @@ experiments/ and data/*/prepare.py). Nothing here is run directly, except `pytho
     corpus       the corpus pipeline behind data/*/prepare.py: sources, validation split, parallel tokenization
     files        the one atomic writer, the rule for what a script may replace (guard), one lock per folder
     errors       UserError (a mistake the user can fix: one line), without torch
+    chat         the chat template and its tokens, vocabulary fitting, the KV cache across turns, transformers export
+    chat_data    conversations -> ids + loss mask (data/chat/prepare.py), and the padded batches of chat data
+    finetune     --init_from=a checkpoint of this repo: its weights and tokenizer, from iteration 0
 
 The modules import each other in one direction only (no two import each other).
 """

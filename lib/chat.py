@@ -65,13 +65,21 @@ def chat_spec(base_size):
 
 
 def plain_encoder(tok):
-    """text -> ids of lib.tokenizer's tok with every special token's text read as plain text."""
+    """text -> ids of lib.tokenizer's tok with every special token's text read as plain text; BadConversation for
+    characters a character vocabulary lacks."""
     if isinstance(tok, BPETokenizer):
         return tok.enc.encode_ordinary
     if isinstance(tok, HFTokenizer):
         tok.tok.encode_special_tokens = True  # this instance's own Tokenizer: "<|endoftext|>" is then just text
         return lambda text: tok.tok.encode(text, add_special_tokens=False).ids
-    return tok.encode  # characters: there is no special token to type
+    stoi = tok.stoi  # characters: there is no special token to type
+
+    def encode_chars(text):
+        unknown = set(text) - stoi.keys()
+        if unknown:
+            raise BadConversation(f"it has characters the model never saw: {''.join(sorted(unknown))!r}")
+        return [stoi[c] for c in text]
+    return encode_chars
 
 
 class ChatTokenizer:
@@ -100,10 +108,7 @@ class ChatTokenizer:
             raise BadConversation(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise BadConversation(f"a {role} message has content of type {type(content).__name__}, not text")
-        try:
-            text = self.encode_text(content)
-        except UserError as e:  # characters the vocabulary lacks
-            raise BadConversation(str(e).replace("the prompt has", "it has")) from None
+        text = self.encode_text(content)
         trained = int(role == "assistant")
         return [self.role_ids[role]] + text + [self.end], [0] + [trained] * (len(text) + 1)
 

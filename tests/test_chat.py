@@ -121,11 +121,10 @@ def test_prepare_writes_ids_mask_and_lengths_that_render_each_conversation(chat_
     mask = np.fromfile(os.path.join(folder, "train_mask.bin"), dtype=np.uint8)
     lengths = np.fromfile(os.path.join(folder, "train_lengths.bin"), dtype=np.uint32)
     assert len(ids) == len(mask) == lengths.sum() == stored["tokens"]["train"]
-    assert len(lengths) == stored["documents"]["train"] and len(lengths) + stored["documents"]["val"] == 1200
-    assert stored["trained_tokens"]["train"] == mask.sum()
-    # the first conversation of train.bin is the first row of the source that the validation split left
     with open(os.path.join(folder, "train.jsonl")) as f:
         rows = [json.loads(line) for line in f]
+    assert len(lengths) == stored["documents"]["train"] and len(lengths) + stored["documents"]["val"] == len(rows)
+    assert stored["trained_tokens"]["train"] == mask.sum()
     start = 0
     found = 0
     for row in rows:
@@ -216,6 +215,58 @@ def test_too_long_conversations_are_truncated_or_dropped_and_counted():
     assert (kept, stats["truncated"], stats["dropped"]) == (1, 0, 2)
 
 
+def test_parquet_conversations_are_read_and_a_bad_row_named_by_its_row(tmp_path):
+    import argparse
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lib import chat_data
+    from lib.dataset import BadInput
+
+    rows = [GOOD["messages"]] * 3 + [[{"role": "user", "content": "hi"}]] + [GOOD["messages"]]
+    pq.write_table(pa.table({"messages": rows, "id": list(range(5))}), tmp_path / "chats.parquet")
+    args = argparse.Namespace(data_files=[str(tmp_path / "chats.parquet")], messages_field="messages",
+                              val_fraction=0.2, seed=2357, num_proc=1, hub_dataset=None)
+    splits, source = chat_data.load_conversations(args)
+    assert [len(splits[k][0]) for k in ("train", "val")] == [4, 1] and splits["train"][3] == "rows"
+    meta = json.dumps(chat_data.chat_meta({"tokenizer": "char", "eot": None, "vocab": CHARS}))
+    errors, kept = [], 0
+    for ds, source_rows, where, kind in splits.values():
+        assert ds.column_names == ["messages"]  # only the column of the messages is read
+        batch = ds[0:len(ds)]["messages"]
+        try:
+            chat_data.encode_rows(batch, 0, meta, kind, "messages", 64, "truncate", False, source_rows, where)
+        except BadInput as e:
+            errors.append(str(e))
+        kept += chat_data.encode_rows(batch, 0, meta, kind, "messages", 64, "truncate", True, source_rows, where)[2]
+    assert len(errors) == 1 and errors[0].startswith(f"{tmp_path / 'chats.parquet'}, row 3: no assistant turn")
+    assert kept == 4
+
+
+def test_a_model_that_never_saw_the_chat_tokens_gets_rows_for_them_at_the_mean():
+    torch.manual_seed(0)
+    gpt2 = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=50257))  # OpenAI GPT-2's rows
+    before = gpt2.lm_head.weight.detach().clone()
+    lines = []
+    chat.fit_vocab(gpt2, GPT2_CHAT_META, {}, lines.append)
+    wte = gpt2.transformer.wte.weight
+    assert gpt2.config.vocab_size == 50304 and wte.shape == (50304, 8) and wte is gpt2.lm_head.weight  # still tied
+    assert torch.equal(wte[:50257], before) and torch.allclose(wte[50257:], before.mean(0).expand(47, 8))
+    assert "50257-50260" in lines[0] and "from 50,257 to 50,304" in lines[0]
+    logits = gpt2(torch.tensor([[50258, 1, 50260]]))[0]  # the chat tokens can be read and predicted
+    assert logits.shape == (1, 1, 50304)
+
+    chars = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=65, tie_head=False))
+    head, emb = chars.lm_head.weight.detach().clone(), chars.transformer.wte.weight.detach().clone()
+    chat.fit_vocab(chars, CHAR_META, {"tokenizer": "char"}, lines.append)
+    assert chars.lm_head.weight.shape == chars.transformer.wte.weight.shape == (69, 8)
+    assert torch.allclose(chars.lm_head.weight[65:], head.mean(0).expand(4, 8))
+    assert torch.allclose(chars.transformer.wte.weight[65:], emb.mean(0).expand(4, 8))
+    chat.fit_vocab(chars, CHAR_META, CHAR_META, lines.append)  # a model that learned them: left as it is
+    assert len(lines) == 2
+
+
 # ----------------------------------------------------------------------------- masked loss
 
 class KeepGrads(torch.optim.Optimizer):
@@ -242,10 +293,13 @@ def test_rows_are_whole_conversations_padded_with_targets_on_the_assistant_only(
     x, y = batches.get("train", 0, 0)
     assert (x[:, 0] == 66).all()  # every row starts a conversation: <|user|> at position 0
     for row_x, row_y in zip(x.tolist(), y.tolist()):
-        n = row_x.index(68, row_x.index(67)) + 1  # the conversation ends at the assistant's <|end|>
+        n = 64 - row_x[::-1].index(68)  # the conversation ends at its last <|end|>, the assistant's
         assert row_x[n:] == [0] * (64 - n) and row_y[n - 1:] == [-1] * (65 - n)  # padding: no loss
-        start = row_x.index(67)  # the targets are the assistant's text and <|end|>, nothing before
-        assert row_y[:start] == [-1] * start and row_y[start:n - 1] == row_x[start + 1:n]
+        trained, want = False, []  # the targets: each assistant's text and <|end|>, after its <|assistant|>
+        for prev, nxt in zip(row_x[:n - 1], row_x[1:n]):
+            trained = prev == 67 or (trained and prev != 68)
+            want.append(nxt if trained else -1)
+        assert row_y[:n - 1] == want
     assert batches.trained_tokens("train", 0, 0) == int((y >= 0).sum())
 
 
@@ -514,3 +568,32 @@ def test_export_carries_the_chat_template_apply_chat_template_and_generate_agree
     theirs = hf_tok.decode(new)
     print(f"export ({kind}): greedy reply {ours!r}, transformers' {theirs!r}")
     assert theirs == ours and len(ours) > 0
+
+
+# ----------------------------------------------------------------------------- the CPU demo, small
+
+@pytest.mark.slow
+def test_sft_demo_held_out_accuracy_rises_from_zero(char_data, tmp_path):
+    """docs/chat.md's demo at a tenth of its size: pretrain briefly on tiny Shakespeare, then SFT on spelling short
+    words; the accuracy on held-out words (never in the SFT data) goes from 0 to most of them."""
+    data, pre, sft = tmp_path / "spell", tmp_path / "pretrained", tmp_path / "sft"
+    run("data/chat/synthetic.py", f"--out={data}", "--tasks=spell", "--letters=3-5", "--train=3000", "--test=100")
+    run("data/chat/prepare.py", f"--data_files={data / 'train.jsonl'}", f"--tokenizer={char_data}",
+        "--block_size=40", f"--out={data}", "--num_proc=2")
+    model = ["--device=cpu", "--dtype=float32", "--compile=False", "--recipe=modern", "--optimizer=adamw",
+             "--qk_norm=False", "--x0_mix=False", "--eval_iters=2", "--log_interval=50", "--sample_interval=0"]
+    run("train.py", *model, "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=48", "--batch_size=8",
+        f"--dataset={char_data}", f"--out_dir={pre}", "--max_iters=30", "--eval_interval=30", "--warmup_iters=2",
+        "--lr_decay_iters=30", "--learning_rate=1e-3")
+
+    def accuracy(*args):
+        proc = run("eval_chat.py", *args, f"--tests={data / 'test.jsonl'}", "--device=cpu", "--dtype=float32")
+        return float(re.search(r"= ([\d.]+)% exact answers", proc.stdout).group(1))
+
+    before = accuracy(f"--out_dir={pre}", f"--dataset={data}")
+    run("train.py", *model, f"--init_from={pre}", f"--dataset={data}", f"--out_dir={sft}", "--block_size=40",
+        "--batch_size=32", "--max_iters=400", "--eval_interval=400", "--warmup_iters=20", "--decay_lr=False",
+        "--learning_rate=3e-3")
+    after = accuracy(f"--out_dir={sft}")
+    print(f"SFT demo (tiny): held-out spelling accuracy {before:.0f}% before, {after:.0f}% after")
+    assert before <= 5 and after >= 40

@@ -14,10 +14,11 @@ little punctuation: no digits but 3), so a model pretrained there can read them:
     count    "how many times does the letter o appear in honour?" -> "two"
     add      "what is seven plus five?"                        -> "twelve"
 
-The words are the lowercase words of 3 to 8 letters of a text (tiny Shakespeare by default), split at random into
+The words are the lowercase words of 3 to 8 letters (--letters) of a text (tiny Shakespeare by default), split at random into
 training words and held-out words; test.jsonl asks only about held-out words (and held-out pairs of numbers), so its
-accuracy measures what the model learned to do, not what it memorized. Every row has a "task" field for
-eval_chat.py's per-task accuracy. The same --seed gives the same files.
+accuracy measures what the model learned to do, not what it memorized. A quarter of the training conversations
+(--two_turns) ask two questions, so that the model also answers in a conversation that has earlier turns. Every row has
+a "task" field (of its last question) for eval_chat.py's per-task accuracy. The same --seed gives the same files.
 """
 
 import argparse
@@ -62,6 +63,23 @@ def add(pair, rng):
     return conversation("add", f"what is {NUMBERS[a]} plus {NUMBERS[b]}?", NUMBERS[a + b])
 
 
+def join_some(rows, share, max_chars, rng):
+    """The rows, with about share of them joined in pairs of two questions and answers (when short enough)."""
+    out, waiting = [], None
+    for row in rows:
+        if rng.random() >= share:
+            out.append(row)
+        elif waiting is None:
+            waiting = row
+        elif sum(len(m["content"]) for m in waiting["messages"] + row["messages"]) <= max_chars:
+            out.append({"task": row["task"], "messages": waiting["messages"] + row["messages"]})
+            waiting = None
+        else:  # too long together: the first goes alone, the second waits for a partner
+            out.append(waiting)
+            waiting = row
+    return out + ([waiting] if waiting else [])
+
+
 def default_text():
     for path in (os.environ.get("TINY_SHAKESPEARE"), os.path.join(REPO, "data", "shakespeare_char", "input.txt")):
         if path and os.path.isfile(path):
@@ -77,16 +95,24 @@ def main():
     p.add_argument("--train", type=int, default=20000, help="training conversations per task")
     p.add_argument("--test", type=int, default=200, help="held-out conversations per task")
     p.add_argument("--held_out", type=float, default=0.2, help="share of the words (and sums) kept for testing")
+    p.add_argument("--letters", default="3-8", help="the words' lengths, e.g. 3-5 for an easier task")
+    p.add_argument("--two_turns", type=float, default=0.25, help="share of training conversations that ask two "
+                   "questions (when both fit in --max_chars), so that a model also answers after earlier turns")
+    p.add_argument("--max_chars", type=int, default=56, help="the longest two-question conversation, in characters "
+                   "of its messages (a block_size of 64 holds 56 characters and the 8 chat tokens of 4 messages)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
     tasks = args.tasks.split(",")
     if not tasks or set(tasks) - set(TASKS):
         sys.exit(f"error: --tasks={args.tasks}: choose among {','.join(TASKS)}")
+    shortest, _, longest = args.letters.partition("-")
+    if not (shortest.isdigit() and longest.isdigit() and 0 < int(shortest) <= int(longest)):
+        sys.exit(f"error: --letters={args.letters}: give the shortest and longest word length, e.g. 3-8")
     path = args.words_from or default_text()
     with open(path, encoding="utf-8") as f:
-        words = sorted(set(re.findall(r"\b[a-z]{3,8}\b", f.read())))
+        words = sorted(set(re.findall(rf"\b[a-z]{{{shortest},{longest}}}\b", f.read())))
     if len(words) < 20:
-        sys.exit(f"error: {path} has only {len(words)} lowercase words of 3 to 8 letters: give a longer text")
+        sys.exit(f"error: {path} has only {len(words)} lowercase words of {args.letters} letters: give a longer text")
     rng = random.Random(args.seed)
     rng.shuffle(words)
     pairs = [(a, b) for a in range(MAX_TERM + 1) for b in range(MAX_TERM + 1)]
@@ -100,6 +126,8 @@ def main():
         rows = [make[task](rng.choice(split_pairs if task == "add" else split_words), rng)
                 for task in tasks for _ in range(n)]
         rng.shuffle(rows)
+        if split == "train":  # a share of them joined in pairs: the second question is answered after the first
+            rows = join_some(rows, args.two_turns, args.max_chars, rng)
         out = os.path.join(args.out, f"{split}.jsonl")
         write_atomic(out, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), text=True)
         print(f"wrote {out}: {len(rows):,} conversations ({', '.join(tasks)}) about {len(split_words):,} words "
