@@ -56,11 +56,11 @@ def tokenizer_meta(spec):
     if spec.endswith(".json") and os.path.isfile(spec) and os.path.basename(spec) != "meta.json":
         return hf_meta(spec)
     folder = os.path.dirname(spec) if os.path.basename(spec) == "meta.json" else spec
+    ckpt = checkpoint.find(spec) if os.path.isdir(spec) else spec  # an out_dir's best.pt (else ckpt.pt), or the file
     if os.path.isdir(folder) and read_metadata(folder)[0] is not None:
         plain = load_meta(folder)
-    elif os.path.exists(spec) and (path := checkpoint.find(spec) if os.path.isdir(spec) else spec) \
-            and os.path.exists(path):
-        plain = checkpoint_meta(checkpoint._peek(path))  # the metadata only: the weights are not read
+    elif os.path.exists(ckpt):
+        plain = checkpoint_meta(checkpoint._peek(ckpt))  # the metadata only: the weights are not read
     else:
         fail(f"--tokenizer={spec}: use gpt2, char, a tokenizer.json, a prepared dataset folder or a checkpoint (its "
              f"tokenizer: the model you will finetune)")

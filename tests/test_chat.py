@@ -267,6 +267,16 @@ def test_a_model_that_never_saw_the_chat_tokens_gets_rows_for_them_at_the_mean()
     assert len(lines) == 2
 
 
+def test_prepare_takes_the_tokenizer_of_a_checkpoint(tmp_path):
+    from lib import chat_data
+
+    save_chat_checkpoint(tmp_path, random_chat_model(), CHAR_META)
+    for spec in (str(tmp_path), str(tmp_path / "best.pt")):  # an out_dir, or the file
+        fields = chat_data.tokenizer_meta(spec)
+        assert fields == {"tokenizer": "char", "eot": None, "vocab": CHARS}
+        assert chat_data.chat_meta(fields)["chat"] == CHAR_META["chat"]  # the markers keep their ids
+
+
 # ----------------------------------------------------------------------------- masked loss
 
 class KeepGrads(torch.optim.Optimizer):
@@ -577,9 +587,10 @@ def test_sft_demo_held_out_accuracy_rises_from_zero(char_data, tmp_path):
     """docs/chat.md's demo at a tenth of its size: pretrain briefly on tiny Shakespeare, then SFT on spelling short
     words; the accuracy on held-out words (never in the SFT data) goes from 0 to most of them."""
     data, pre, sft = tmp_path / "spell", tmp_path / "pretrained", tmp_path / "sft"
-    run("data/chat/synthetic.py", f"--out={data}", "--tasks=spell", "--letters=3-5", "--train=3000", "--test=100")
+    run("data/chat/synthetic.py", f"--out={data}", "--tasks=spell", "--letters=3-5", "--train=3000", "--test=100",
+        "--two_turns=0")
     run("data/chat/prepare.py", f"--data_files={data / 'train.jsonl'}", f"--tokenizer={char_data}",
-        "--block_size=40", f"--out={data}", "--num_proc=2")
+        "--block_size=32", f"--out={data}", "--num_proc=2")
     model = ["--device=cpu", "--dtype=float32", "--compile=False", "--recipe=modern", "--optimizer=adamw",
              "--qk_norm=False", "--x0_mix=False", "--eval_iters=2", "--log_interval=50", "--sample_interval=0"]
     run("train.py", *model, "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=48", "--batch_size=8",
@@ -591,7 +602,7 @@ def test_sft_demo_held_out_accuracy_rises_from_zero(char_data, tmp_path):
         return float(re.search(r"= ([\d.]+)% exact answers", proc.stdout).group(1))
 
     before = accuracy(f"--out_dir={pre}", f"--dataset={data}")
-    run("train.py", *model, f"--init_from={pre}", f"--dataset={data}", f"--out_dir={sft}", "--block_size=40",
+    run("train.py", *model, f"--init_from={pre}", f"--dataset={data}", f"--out_dir={sft}", "--block_size=32",
         "--batch_size=32", "--max_iters=400", "--eval_interval=400", "--warmup_iters=20", "--decay_lr=False",
         "--learning_rate=3e-3")
     after = accuracy(f"--out_dir={sft}")
