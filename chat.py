@@ -60,8 +60,9 @@ def reply(conversation, text, rt, out=sys.stdout):
 
 
 def speed(tokens, seconds, conversation):
+    n = conversation.dropped
     dropped = f"; the conversation outgrew the {conversation.block_size}-token context: dropped its oldest " \
-              f"{conversation.dropped} message(s)" if conversation.dropped else ""
+              f"{'exchange' if n == 1 else f'{n} exchanges'}" if n else ""
     return f"[{tokens} tokens in {seconds:.2f}s: {tokens / max(seconds, 1e-9):,.1f} tokens/s{dropped}]"
 
 

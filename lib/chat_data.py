@@ -116,7 +116,7 @@ class Where:
         return f"{self.names[f]}, line {n + 1}" if self.kind == "jsonl" else f"{self.names[f]}, row {n:,}"
 
 
-_TOK = {}  # metadata (as JSON) -> ChatTokenizer, once per process
+_TOK = {}  # metadata (as JSON) -> (ChatTokenizer, token dtype), once per process
 
 
 def encode_rows(rows, start, meta_json, kind, field, block_size, too_long, skip_bad, split_rows, where):
@@ -125,8 +125,9 @@ def encode_rows(rows, start, meta_json, kind, field, block_size, too_long, skip_
     truncated, dropped and skipped. split_rows[i] is row i's index in the source, which where() names.
     """
     if meta_json not in _TOK:
-        _TOK[meta_json] = chat.ChatTokenizer(load_meta_fields(json.loads(meta_json)))
-    tok = _TOK[meta_json]
+        meta = json.loads(meta_json)
+        _TOK[meta_json] = chat.ChatTokenizer(load_meta_fields(meta)), token_dtype(meta["vocab_size"])
+    tok, dtype = _TOK[meta_json]
     ids, mask, lengths = [], [], []
     stats = {"truncated": 0, "dropped": 0, "skipped": 0, "examples": []}
     for i, row in enumerate(rows):
@@ -149,8 +150,7 @@ def encode_rows(rows, start, meta_json, kind, field, block_size, too_long, skip_
         ids += conv_ids
         mask += conv_mask
         lengths.append(len(conv_ids))
-    vocab = json.loads(meta_json)["vocab_size"]
-    chunk = {"ids": np.array(ids, dtype=token_dtype(vocab)), MASK: np.array(mask, dtype=np.uint8),
+    chunk = {"ids": np.array(ids, dtype=dtype), MASK: np.array(mask, dtype=np.uint8),
              LENGTHS: np.array(lengths, dtype=np.uint32)}
     return (chunk, stats), len(rows), len(lengths)
 

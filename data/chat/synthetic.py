@@ -14,11 +14,12 @@ little punctuation: no digits but 3), so a model pretrained there can read them:
     count    "how many times does the letter o appear in honour?" -> "two"
     add      "what is seven plus five?"                        -> "twelve"
 
-The words are the lowercase words of 3 to 8 letters (--letters) of a text (tiny Shakespeare by default), split at random into
-training words and held-out words; test.jsonl asks only about held-out words (and held-out pairs of numbers), so its
-accuracy measures what the model learned to do, not what it memorized. A quarter of the training conversations
-(--two_turns) ask two questions, so that the model also answers in a conversation that has earlier turns. Every row has
-a "task" field (of its last question) for eval_chat.py's per-task accuracy. The same --seed gives the same files.
+The words are the lowercase words of 3 to 8 letters (--letters) of a text (tiny Shakespeare by default), split at
+random into training words and held-out words; test.jsonl asks only about held-out words (and held-out pairs of
+numbers), so its accuracy measures what the model learned to do, not what it memorized. Some training conversations
+(--two_turns: a quarter are paired, when short enough) ask two questions, so that the model also answers in a
+conversation that has earlier turns. Every row has a "task" field (of its last question) for eval_chat.py's per-task
+accuracy. The same --seed gives the same files.
 """
 
 import argparse
