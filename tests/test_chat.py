@@ -592,7 +592,8 @@ def test_sft_demo_held_out_accuracy_rises_from_zero(char_data, tmp_path):
     run("data/chat/prepare.py", f"--data_files={data / 'train.jsonl'}", f"--tokenizer={char_data}",
         "--block_size=32", f"--out={data}", "--num_proc=2")
     model = ["--device=cpu", "--dtype=float32", "--compile=False", "--recipe=modern", "--optimizer=adamw",
-             "--qk_norm=False", "--x0_mix=False", "--eval_iters=2", "--log_interval=50", "--sample_interval=0"]
+             "--qk_norm=False", "--x0_mix=False", "--eval_iters=2", "--log_interval=50", "--sample_interval=0",
+             "--gradient_accumulation_steps=1"]
     run("train.py", *model, "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=48", "--batch_size=8",
         f"--dataset={char_data}", f"--out_dir={pre}", "--max_iters=30", "--eval_interval=30", "--warmup_iters=2",
         "--lr_decay_iters=30", "--learning_rate=1e-3")
