@@ -609,3 +609,73 @@ def test_sft_demo_held_out_accuracy_rises_from_zero(char_data, tmp_path):
     after = accuracy(f"--out_dir={sft}")
     print(f"SFT demo (tiny): held-out spelling accuracy {before:.0f}% before, {after:.0f}% after")
     assert before <= 5 and after >= 40
+
+
+# ----------------------------------------------------------------------------- the other ways in
+
+def test_finetune_takes_a_sharded_checkpoint_and_its_recipe(tmp_path):
+    from lib import finetune, parallel
+    from lib.runtime import UserError
+
+    torch.manual_seed(0)
+    modern = dict(rotary=True, rmsnorm=True, relu2=True, tie_head=False, logit_softcap=15.0, bias=False)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=69, **modern))
+    args = {k: getattr(model.config, k) for k in checkpoint.ARCH_KEYS + ("dropout",)}
+    model_sd, optim_sd = parallel.sharded_state(model, torch.optim.AdamW(model.parameters()))  # as train.py saves
+    state = dict(model=model_sd, optimizer=optim_sd, model_args=args, iter_num=9, best_val_loss=1.5, val_loss=1.5,
+                 config={}, meta=CHAR_META)
+    out = tmp_path / "pretrained"
+    out.mkdir()
+    checkpoint.save(state, str(out), is_best=True, sharded=True)  # ckpt.dcp and best.dcp folders
+    assert finetune.source(str(out), str(tmp_path / "sft")).endswith("best.dcp")
+    for source in (str(out / "ckpt.dcp"), str(out)):
+        state, arch = finetune.load(finetune.source(source, str(tmp_path / "sft")), {}, set())
+        assert {k: arch[k] for k in modern} == modern and arch["block_size"] == 64 and "optimizer" not in state
+        gpt = finetune.model(source, state, 32, 0.1, master=False)  # cropped, this run's dropout
+        assert gpt.config.block_size == 32 and gpt.config.dropout == 0.1 and gpt.config.rotary
+        assert all(torch.equal(gpt.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match="trained with rotary=True"):
+        finetune.load(str(out / "ckpt.dcp"), {"rotary": False}, {"rotary"})
+    with pytest.raises(UserError, match="longer than the 64 positions"):
+        finetune.load(str(out / "ckpt.dcp"), {"block_size": 128}, {"block_size"})
+    with pytest.raises(UserError, match="new out_dir"):
+        finetune.source(str(out), str(out))
+    assert finetune.source("gpt2", "out") is None and finetune.source(str(tmp_path), "out") is None  # not ours
+
+
+def test_sft_presets_load_through_train_py():
+    import runpy
+
+    proc = run("train.py", "config/sft_shakespeare_char_cpu.py", "--help")  # an unknown key would fail
+    assert "--init_from='out-shakespeare-char'" in proc.stdout and "--dataset='chat_tasks'" in proc.stdout
+    gpt2 = runpy.run_path(os.path.join(REPO, "config/sft_gpt2.py"))
+    assert (gpt2["init_from"], gpt2["dataset"], gpt2["block_size"]) == ("gpt2", "chat", 1024)
+    run("train.py", "config/sft_gpt2.py", "--help")
+
+
+@pytest.mark.slow
+def test_openai_gpt2_grows_to_50304_rows_finetunes_on_chat_data_and_exports(tmp_path):
+    """A transformers GPT-2 (50,257 rows, like OpenAI's) finetuned on GPT-2 BPE chat data: its vocabulary grows to
+    50,304 with the chat tokens at 50257-50260, chat.py answers, and the export holds the chat tokens' rows."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).save_pretrained(tmp_path / "hf")
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}."}]} for i in range(40)]
+    path = write_jsonl(tmp_path / "chats.jsonl", rows)
+    run("data/chat/prepare.py", f"--data_files={path}", f"--out={tmp_path / 'data'}", "--block_size=64",
+        "--num_proc=1", "--val_fraction=0.1")
+    tiny = [a for a in TINY if not a.startswith("--block_size")]
+    proc = run("train.py", *tiny, f"--init_from={tmp_path / 'hf'}", f"--dataset={tmp_path / 'data'}",
+               f"--out_dir={tmp_path / 'out'}", "--block_size=64", "--max_iters=3", "--eval_interval=3")
+    assert "vocabulary grows from 50,257 to 50,304" in proc.stdout
+    state = checkpoint.load(str(tmp_path / "out" / "ckpt.pt"))
+    assert state["model_args"]["vocab_size"] == 50304 and state["meta"]["chat"] == GPT2_CHAT_META["chat"]
+    proc = run("chat.py", f"--out_dir={tmp_path / 'out'}", "--device=cpu", "--dtype=float32", "--prompt=Hi!",
+               "--max_new_tokens=5")
+    assert "tokens/s" in proc.stderr
+    run("export.py", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'export'}")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert tok.apply_chat_template(rows[0]["messages"], tokenize=True, return_dict=False) == \
+        chat.ChatTokenizer(state["meta"]).render(rows[0]["messages"])[0]
