@@ -195,9 +195,9 @@ def sample_next(logits, temperature, top_k, vocab_limit, generator=None):
 class Chat:
     """
     A conversation with a model whose KV cache lives from turn to turn: each turn runs only its own new tokens
-    through the model (extend). When the conversation outgrows block_size, the oldest turns (never the system
-    message) are dropped and the cache is rebuilt from what is left; `dropped` counts the turns dropped by the last
-    ask(), for the caller to say so.
+    through the model (extend). When the conversation outgrows block_size, the oldest exchanges (a message and its
+    reply; never the system message) are dropped and the cache is rebuilt from what is left; `dropped` counts those
+    of the last ask(), for the caller to say so.
     """
 
     def __init__(self, model, tok, system=""):
@@ -209,7 +209,7 @@ class Chat:
         """Start over (with a new system message, when given)."""
         if system is not None:
             self.system = self.encode("system", system) if system else []
-        self.turns = []  # the ids of each message after the system message
+        self.turns = []  # the ids of each exchange after the system message: a message, <|assistant|>, reply, <|end|>
         self.cache, self.cached, self.logits = None, [], None  # the KV cache, the ids it holds, the last logits
         self.dropped = 0
 
@@ -270,7 +270,7 @@ class Chat:
                             f"{self.block_size} tokens (with the system message and room for a reply)")
         self.turns.append([])
         self.make_room(len(user) + room)
-        self.turns[-1] = user  # the user's message, then <|assistant|>: the reply is written into this turn
+        self.turns[-1] = user  # the message, then <|assistant|>: the reply is written after them
         try:
             self.sync()
         except BaseException:

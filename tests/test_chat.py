@@ -459,7 +459,7 @@ def test_chat_keeps_the_kv_cache_across_turns_with_the_tokens_of_a_full_recomput
     for turn, text in enumerate(["hello there", "and then?", "why?"]):
         before, calls[:] = conversation.ids(), []
         reply = list(conversation.ask(text, max_new_tokens=12))
-        fed = calls[:]  # the forward passes of this turn (not of the recompute below)
+        fed = calls[:]  # the forward passes of the ask() above (not of the recompute below)
         prompt = conversation.ids()[:len(conversation.ids()) - len(reply) - 1]  # ... <|assistant|>
         assert prompt[:len(before)] == before and prompt[-1] == 67
         assert reply == recomputed_reply(model, tok, prompt, 12)
