@@ -144,7 +144,7 @@ def test_prepare_is_the_same_whatever_num_proc(tmp_path, char_data):
         out = tmp_path / f"procs{procs}"
         run("data/chat/prepare.py", f"--data_files={tmp_path / 'train.jsonl'}", f"--tokenizer={char_data}",
             "--block_size=30", f"--out={out}", f"--num_proc={procs}", "--too_long=truncate")
-        outs.append({name: (out / name).read_bytes() for name in sorted(os.listdir(out))})
+        outs.append({name: (out / name).read_bytes() for name in sorted(os.listdir(out)) if name != ".lock"})
     assert outs[0].keys() == {"meta.json", "train.bin", "val.bin", "train_mask.bin", "val_mask.bin",
                               "train_lengths.bin", "val_lengths.bin"}
     assert outs[0] == outs[1]
@@ -195,7 +195,7 @@ def test_bad_rows_stop_prepare_in_one_line_or_are_skipped_and_counted(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and re.search(r"chats\.jsonl, line 3: malformed JSON", errors[0]), proc.stderr
-    assert sorted(os.listdir(out)) == ["keep.txt"]  # nothing written, nothing of the user's touched
+    assert sorted(os.listdir(out)) in (["keep.txt"], [".lock", "keep.txt"])  # nothing written or touched
     proc = run("data/chat/prepare.py", f"--data_files={path}", f"--out={out}", "--num_proc=1", "--skip_bad=True",
                "--val_fraction=0.3")
     stored = json.loads((out / "meta.json").read_text())
@@ -275,6 +275,16 @@ def test_prepare_takes_the_tokenizer_of_a_checkpoint(tmp_path):
         fields = chat_data.tokenizer_meta(spec)
         assert fields == {"tokenizer": "char", "eot": None, "vocab": CHARS}
         assert chat_data.chat_meta(fields)["chat"] == CHAR_META["chat"]  # the markers keep their ids
+
+
+def test_synthetic_replaces_only_its_own_files(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"messages": "mine"}\n')
+    proc = run("data/chat/synthetic.py", f"--out={tmp_path}", "--train=5", "--test=1", check=False)
+    assert proc.returncode == 1 and "already holds train.jsonl" in proc.stderr and "--overwrite=True" in proc.stderr
+    assert (tmp_path / "train.jsonl").read_text() == '{"messages": "mine"}\n'
+    run("data/chat/synthetic.py", f"--out={tmp_path}", "--train=5", "--test=1", "--overwrite=True")
+    run("data/chat/synthetic.py", f"--out={tmp_path}", "--train=6", "--test=1", "--seed=2")  # its own: replaced
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) >= 12
 
 
 # ----------------------------------------------------------------------------- masked loss

@@ -32,7 +32,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo, for lib/
-from lib.files import write_atomic  # noqa: E402
+from lib import files  # noqa: E402
+from lib.dataset import add_overwrite  # noqa: E402
 
 NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
            "seventeen eighteen nineteen twenty").split()
@@ -81,6 +82,16 @@ def join_some(rows, share, max_chars, rng):
     return out + ([waiting] if waiting else [])
 
 
+def written_here(path):
+    """Whether path is a file this script wrote: JSON lines whose first is a conversation of one of its tasks."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        return first.get("task") in TASKS and isinstance(first.get("messages"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def default_text():
     for path in (os.environ.get("TINY_SHAKESPEARE"), os.path.join(REPO, "data", "shakespeare_char", "input.txt")):
         if path and os.path.isfile(path):
@@ -102,6 +113,7 @@ def main():
     p.add_argument("--max_chars", type=int, default=56, help="the longest two-question conversation, in characters "
                    "of its messages (a block_size of 64 holds 56 characters and the 8 chat tokens of 4 messages)")
     p.add_argument("--seed", type=int, default=1337)
+    add_overwrite(p)
     args = p.parse_args()
     tasks = args.tasks.split(",")
     if not tasks or set(tasks) - set(TASKS):
@@ -121,7 +133,15 @@ def main():
     cut_words, cut_pairs = int(len(words) * args.held_out), int(len(pairs) * args.held_out)
     pools = {"train": (words[cut_words:], pairs[cut_pairs:]), "test": (words[:cut_words], pairs[:cut_pairs])}
     make = {"spell": spell, "reverse": reverse, "count": count, "add": add}
-    os.makedirs(args.out, exist_ok=True)
+    outputs = [os.path.join(args.out, f"{split}.jsonl") for split in ("train", "test")]
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        held = files.lock(args.out, "synthetic.py", "--out")  # noqa: F841 (held until the process ends)
+        files.guard(outputs, args.overwrite, "--out", args.out, ours=written_here)  # only files it wrote before
+    except OSError as e:
+        sys.exit(f"error: cannot write to {args.out} ({e.strerror}): pass another --out")
+    except files.UserError as e:
+        sys.exit(f"error: {e}")
     for split, n in (("train", args.train), ("test", args.test)):
         split_words, split_pairs = pools[split]
         rows = [make[task](rng.choice(split_pairs if task == "add" else split_words), rng)
@@ -130,7 +150,10 @@ def main():
         if split == "train":  # a share of them joined in pairs: the second question is answered after the first
             rows = join_some(rows, args.two_turns, args.max_chars, rng)
         out = os.path.join(args.out, f"{split}.jsonl")
-        write_atomic(out, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), text=True)
+        try:
+            files.write_atomic(out, lambda f: f.writelines(json.dumps(row) + "\n" for row in rows), text=True)
+        except files.UserError as e:
+            sys.exit(f"error: {e}")
         print(f"wrote {out}: {len(rows):,} conversations ({', '.join(tasks)}) about {len(split_words):,} words "
               f"and {len(split_pairs)} sums")
 
