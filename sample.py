@@ -79,7 +79,10 @@ def main():
     model.to(rt.device)
 
     tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)  # the dataset's characters, or GPT-2 BPE
-    encode, decode, token_bytes, eot, valid_vocab = tok.encode, tok.decode, tok.bytes_of, tok.eot, tok.valid_vocab
+    decode, token_bytes, eot, valid_vocab = tok.decode, tok.bytes_of, tok.eot, tok.valid_vocab
+
+    def encode(prompt):  # a prompt may ask for the token "<|endoftext|>" itself by its spelling
+        return tok.encode(prompt, allow_special=True)
 
     if interactive:  # one completion per prompt, as it is written, unless asked otherwise
         num_samples = num_samples if "num_samples" in explicit else 1

@@ -22,7 +22,7 @@ from lib import chat, chat_data, checkpoint, core_eval, finetune, freeze, optim,
 from lib.batches import dataset_dir
 from lib.metrics import RunLog, mean_over_ranks
 from lib.runtime import UserError, can_compile, install_error_hook, peak_flops, setup
-from lib.step import StopSignal, estimate_loss, seed_iteration, train_step
+from lib.step import StepAbandoned, StopSignal, check_size, estimate_loss, seed_iteration, train_step
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------- settings (defaults: GPT-2 124M)
@@ -144,8 +144,9 @@ resume_path = os.path.join(out_dir, checkpoint.FORMATS[checkpoint_format])  # wh
 state = source_state = None
 if init_from == "resume":
     loaded_path, state = checkpoint.load_latest(out_dir, checkpoint_format)  # a .dcp: weights come after wrapping
-    checkpoint.check_model_args(state, loaded_path, config, explicit)
-    block_size = state["model_args"]["block_size"]
+    kept = checkpoint.check_model_args(state, loaded_path, config, explicit)  # its shape, optimizer, frozen layers
+    globals().update(kept)
+    config.update(kept)
 elif source:  # its architecture, and its block_size unless a shorter one is asked for
     source_state, arch = finetune.load(source, config, explicit)
     globals().update(arch)
@@ -159,9 +160,10 @@ saved_iter = state["iter_num"] if init_from == "resume" else None  # the iterati
 torch.manual_seed(seed)  # the same initial weights on every rank and every run
 if init_from == "scratch":
     vocab_size = batches.vocab_size or 50304  # GPT-2's 50257 padded to a multiple of 64
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                          vocab_size=vocab_size, dropout=dropout,
-                          **{k: config[k] for k in checkpoint.RECIPE_KEYS}))
+    model_config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                             vocab_size=vocab_size, dropout=dropout, **{k: config[k] for k in checkpoint.RECIPE_KEYS})
+    check_size(model_config, rt, config, accum_steps)  # refused before allocating if it cannot fit; slow steps said
+    model = GPT(model_config)
 elif init_from == "resume":
     model = checkpoint.model_from_checkpoint(state, dropout if "dropout" in explicit else None)
     iter_num = state["iter_num"]
@@ -196,6 +198,7 @@ if state is not None:
     if "scaler" in state:  # nanoGPT's checkpoints have none
         scaler.load_state_dict(state["scaler"])
 wandb_run_id = state.get("wandb_run_id") if state else None  # a resumed run continues its wandb run
+run_id = checkpoint.new_run_id(state)  # in every checkpoint of the run: another run's best.pt is told apart
 state = source_state = None  # free the checkpoints' memory
 if fsdp and (sample_interval or eval_every):  # rank 0 alone, or ranks unevenly: not with sharded weights
     sample_interval = eval_every = config["sample_interval"] = config["eval_every"] = 0
@@ -226,7 +229,8 @@ def save_checkpoint(is_best, val_loss=None):
         try:
             checkpoint.save(dict(model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(),
                                  model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                                 val_loss=val_loss, config=config, meta=batches.meta, wandb_run_id=run_log.wandb_run_id),
+                                 val_loss=val_loss, config=config, meta=batches.meta, wandb_run_id=run_log.wandb_run_id,
+                                 run_id=run_id),
                             out_dir, is_best, keep_last_n,
                             replace=init_from != "resume" and saved_iter is None, sharded=sharded)
         except checkpoint.DiskFull as e:  # say how to go on from the checkpoint that is still there
@@ -257,9 +261,12 @@ running_mfu, t0, t0_iter = -1.0, time.time(), iter_num  # step timing: time and 
 loop_start = t0  # for max_seconds
 while True:
     out_of_time = max_seconds > 0 and time.time() - loop_start >= max_seconds  # then evaluate, save and stop
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only or out_of_time:
-        losses = estimate_loss(gpt if device_type == "cpu" else model, batches, eval_iters, ctx, world_size,
-                               run_log.token_bytes)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only or out_of_time) and not stop.now:
+        try:
+            losses = estimate_loss(gpt if device_type == "cpu" else model, batches, eval_iters, ctx, world_size,
+                                   run_log.token_bytes, stop)
+        except StepAbandoned:  # a signal mid-evaluation: none this time; the state is saved below
+            continue
         if eval_only:
             run_log.eval(iter_num, losses, min(best_val_loss, losses["val"]))
             break
@@ -271,9 +278,9 @@ while True:
             save_checkpoint(is_best=improved, val_loss=losses["val"])
         run_log.eval(iter_num, losses, best_val_loss, saved=saved_iter == iter_num > start_iter)  # + metrics, loss.png, doctor
         t0, t0_iter = time.time(), iter_num  # leave evaluation and saving out of the step timing
-    if run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
+    if not stop.now and run_log.maybe_sample(iter_num):  # every sample_interval steps (rank 0)
         t0, t0_iter = time.time(), iter_num
-    if eval_every and iter_num > start_iter and (iter_num % eval_every == 0 or iter_num == max_iters):
+    if eval_every and not stop.now and iter_num > start_iter and (iter_num % eval_every == 0 or iter_num == max_iters):
         run_log.tasks(iter_num, core_eval.evaluate(gpt, evalset, device, ctx, rank, world_size))
         t0, t0_iter = time.time(), iter_num
     if out_of_time and stop.received is None:
@@ -294,8 +301,11 @@ while True:
         print(f"iter {iter_num}: {freeze.describe(gpt, unfrozen)}")
     optim.set_lr(optimizer, lr)
     seed_iteration(seed, 0, iter_num)  # the same on every rank: train_step seeds each micro-step by its index
-    loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip, rank,
-                                          world_size)
+    try:  # (not abandoned when an unfreeze just changed the optimizer: a checkpoint before it would not resume)
+        loss, grad_norm, skipped = train_step(model, optimizer, scaler, batches, iter_num, accum_steps, ctx, grad_clip,
+                                              rank, world_size, None if unfrozen else stop)
+    except StepAbandoned:  # a signal mid-step: the weights are still those before it, saved at the top of the loop
+        continue
     run_log.count_step(grad_norm)  # clipping, counted on the device
     bad_total = bad_total + skipped
     bad_streak = (bad_streak + 1) * skipped  # back to 0 on a good step

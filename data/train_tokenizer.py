@@ -22,6 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, for lib/
+from configurator import ArgumentParser, at_least  # noqa: E402
 from lib import files  # noqa: E402
 from lib.dataset import add_overwrite  # noqa: E402
 from lib.errors import UserError  # noqa: E402
@@ -43,6 +44,22 @@ def corpus_files(paths):
     return found
 
 
+def read_corpus(paths):
+    """The corpus as one str, or one line saying why it cannot be read or is empty."""
+    texts = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror})") from None
+    if not any(texts):
+        raise UserError(f"the corpus ({', '.join(paths)}) is empty: a tokenizer learns its merges from text")
+    return "".join(texts)
+
+
 def train_tokenizer(corpus, vocab_size, min_frequency=2):
     """A byte-level BPE tokenizers.Tokenizer trained on corpus: a list of files, or an iterator of texts."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -56,6 +73,7 @@ def train_tokenizer(corpus, vocab_size, min_frequency=2):
         tok.train(corpus, trainer)
     else:
         tok.train_from_iterator(corpus, trainer)
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in a text is text (lib/tokenizer.py does the same)
     return tok
 
 
@@ -76,15 +94,15 @@ def written_here(path):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", metavar="PATH", help=".txt files or folders of them")
-    p.add_argument("--vocab_size", type=int, default=4096, help="tokens in all: 256 bytes + merges + <|endoftext|>")
-    p.add_argument("--min_frequency", type=int, default=2, help="a merge must occur at least this often")
+    p.add_argument("--vocab_size", type=int, default=4096, help="tokens in all: 256 bytes + merges + <|endoftext|>",
+                   rule=at_least(257, " (256 bytes and <|endoftext|>)"))
+    p.add_argument("--min_frequency", type=int, default=2, help="a merge must occur at least this often",
+                   rule=at_least(1))
     p.add_argument("--out", required=True, help="the tokenizer.json to write (beside the data it will tokenize)")
     add_overwrite(p)
     args = p.parse_args()
-    if args.vocab_size < 257:
-        raise UserError("--vocab_size must be at least 257 (256 bytes and <|endoftext|>)")
     files.check_file(args.out)
     folder = os.path.dirname(os.path.abspath(args.out))
     try:
@@ -96,16 +114,18 @@ def main():
                 holds=lambda paths: "is a file that this script did not write (not a tokenizer of its kind)",
                 when="once the new one is trained")
     corpus = corpus_files(args.paths)
+    text = read_corpus(corpus)
     t0 = time.time()
     tok = train_tokenizer(corpus, args.vocab_size, args.min_frequency)
     seconds = time.time() - t0
     files.write_atomic(args.out, lambda f: f.write(tok.to_str(pretty=True)), text=True, kind="tokenizer")
     print(f"trained a byte-level BPE of {tok.get_vocab_size():,} tokens on {len(corpus)} file(s) in {seconds:.1f}s; "
           f"wrote {args.out}")
-    text = "".join(open(f, encoding="utf-8").read() for f in corpus)
     n_bytes = len(text.encode("utf-8"))
-    ids = tok.encode(text).ids
-    assert tok.decode(ids) == text, "byte-level BPE must round-trip"
+    ids = tok.encode(text).ids  # special tokens' spellings as text: every byte of the corpus is in these ids
+    if tok.decode(ids, skip_special_tokens=False) != text:
+        raise UserError("the trained tokenizer does not give the corpus back from its ids, which a byte-level BPE "
+                        "always does: please report this, with the corpus")
     line = f"compression on the corpus: {n_bytes / len(ids):.2f} bytes per token ({len(ids):,} tokens)"
     try:
         import tiktoken

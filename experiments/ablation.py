@@ -11,7 +11,6 @@ The lr schedule is computed for max_iters as usual, so each run first times a fe
 max_seconds then stops it at the budget in any case, with a last evaluation.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -89,17 +88,26 @@ def main():
     from lib.runtime import install_error_hook
 
     install_error_hook()  # a folder where the plot goes, a full disk: one line
-    p = argparse.ArgumentParser()
-    p.add_argument("--seconds", type=float, default=45.0, help="wall-clock budget of each run's training loop")
+    from configurator import RULES, ArgumentParser, Rule, above, at_least
+    from lib.batches import dataset_dir
+
+    known = Rule(lambda v: not v or set(v.split(",")) <= set(RUNS), f"comma-separated names of {', '.join(RUNS)}",
+                 "bogus")
+    p = ArgumentParser()
+    p.add_argument("--seconds", type=float, default=45.0, help="wall-clock budget of each run's training loop",
+                   rule=above(0))
     p.add_argument("--dataset", default="shakespeare_char")
     p.add_argument("--out", default="out-ablation", help="a folder for the runs' out_dirs")
     p.add_argument("--plot", default="docs/ablation.png")
-    p.add_argument("--only", default="", help="comma-separated run names to do (default: all)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--only", default="", help="comma-separated run names to do (default: all)", rule=known)
+    p.add_argument("--seed", type=int, default=1337, rule=RULES["seed"])
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every run (0: torch's default, every "
                    "core); 1 when other processes share the cores, else threads wait on each other (3-6 s per step "
-                   "instead of 0.34 s, measured on a loaded 2-core machine)")
+                   "instead of 0.34 s, measured on a loaded 2-core machine)", rule=at_least(0))
     a = p.parse_args()
+    if not os.path.exists(os.path.join(dataset_dir(a.dataset), "train.bin")):
+        p.error(f"--dataset={a.dataset}: {dataset_dir(a.dataset)} holds no train.bin: prepare it first "
+                f"(python data/shakespeare_char/prepare.py)")
     import torch
 
     env = dict(os.environ)

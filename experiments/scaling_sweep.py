@@ -27,6 +27,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from configurator import ConfigError  # noqa: E402
 from lib import files, scaling  # noqa: E402
 
 
@@ -96,15 +97,38 @@ def main():
     from lib.runtime import install_error_hook
 
     install_error_hook()  # a folder where sweep.png goes, a full disk: one line
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from configurator import ArgumentParser, Rule, at_least, configure, script_settings
+    from lib.batches import dataset_dir
+
+    def numbers(kind, ok, allowed, bad, least=1):  # a comma-separated list: its rule on the text
+        def parsed(text):
+            try:
+                return [kind(x) for x in text.split(",")]
+            except ValueError:
+                return []
+        return Rule(lambda v: len(parsed(v)) >= least and all(ok(x) for x in parsed(v)), allowed, bad)
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shakespeare_char")
-    p.add_argument("--depths", default="2,3,4,5", help="the family to fit (the depth dial)")
-    p.add_argument("--predict", type=int, default=6, help="the depth to predict, then train")
-    p.add_argument("--aspect", type=int, default=16, help="n_embd = aspect * depth (train.py's depth_aspect)")
-    p.add_argument("--target_flops", default="3e11", help="training FLOPs per model; a comma list for several")
+    p.add_argument("--depths", default="2,3,4,5", help="the family to fit (the depth dial)",
+                   rule=numbers(int, lambda d: d >= 1, "at least 3 comma-separated depths >= 1 (a fit of 3 constants)",
+                                "0,1,2", least=3))
+    p.add_argument("--predict", type=int, default=6, help="the depth to predict, then train", rule=at_least(1))
+    p.add_argument("--aspect", type=int, default=16, help="n_embd = aspect * depth (train.py's depth_aspect)",
+                   rule=at_least(1))
+    p.add_argument("--target_flops", default="3e11", help="training FLOPs per model; a comma list for several",
+                   rule=numbers(float, lambda c: c > 0, "comma-separated FLOP counts > 0", "-5"))
     p.add_argument("--out_dir", default="out-sweep")
     p.add_argument("--plot_only", action="store_true", help="redraw sweep.png from out_dir/sweep.json")
     args, extra = p.parse_known_args()
+    if not args.plot_only:
+        try:  # the settings that go to train.py, checked as train.py checks them, before the first model trains
+            configure(script_settings(os.path.join(REPO, "train.py")), extra)
+        except ConfigError as e:
+            p.error(f"{e} (settings other than the sweep's own go to train.py)")
+        if not os.path.exists(os.path.join(dataset_dir(args.dataset), "train.bin")):
+            p.error(f"--dataset={args.dataset}: {dataset_dir(args.dataset)} holds no train.bin: prepare it first "
+                    f"(python data/shakespeare_char/prepare.py)")
     if args.plot_only:
         with open(os.path.join(args.out_dir, "sweep.json")) as f:
             done = json.load(f)
@@ -118,7 +142,7 @@ def main():
     given = {a.split("=")[0] for a in extra}
     extra = [a for a in defaults if a.split("=")[0] not in given] + extra
     args.block_size = int(next(a for a in extra if a.startswith("--block_size=")).split("=")[1])
-    from lib.batches import dataset_dir, load_meta
+    from lib.batches import load_meta
 
     args.vocab = load_meta(dataset_dir(args.dataset))["vocab_size"]
     os.makedirs(args.out_dir, exist_ok=True)

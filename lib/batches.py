@@ -2,9 +2,11 @@
 Token batches from the train.bin / val.bin files that data/<dataset>/prepare.py writes, and their metadata.
 
 A .bin file is a flat stream of token ids, uint16 or uint32 as meta.json says (lib/dataset.py has the
-format). nanoGPT-style folders with a meta.pkl instead still work: it is read by an unpickler that builds only
-plain dicts, lists, strings and numbers, so a pickle in a downloaded data folder cannot run code. A folder with
-no metadata at all is read as GPT-2 BPE in uint16, after a check that its ids fit, said in one line.
+format). meta.json is checked against that format (check_meta_json) before anything trusts it: a field missing or
+inconsistent with another is refused in one line that names each problem. nanoGPT-style folders with a meta.pkl
+instead still work: it is read by an unpickler that builds only plain dicts, lists, strings and numbers, so a
+pickle in a downloaded data folder cannot run code. A folder with no metadata at all is read as GPT-2 BPE in
+uint16, after a check that its ids fit, said in one line.
 
 Each batch is a pure function of (seed, split, iteration, micro-step), where the micro-step counts over the
 whole step (rank r of N draws micro-steps r * k ... r * k + k - 1 of a step of N * k), so 1, 2 or 8 ranks with
@@ -22,6 +24,7 @@ import sys
 import numpy as np
 import torch
 
+from lib.dataset import FORMAT_VERSION
 from lib.runtime import UserError
 
 TRAIN_STEP, EVAL = 0, 1  # streams of batches that never overlap
@@ -87,6 +90,66 @@ def read_metadata(data_dir):
     return None, None
 
 
+def check_meta_json(meta, path):
+    """
+    meta.json as lib/dataset.py writes it, or one line naming each thing wrong with it: the format version, the
+    tokenizer ('gpt2', 'char' or 'hf:<hash>'), vocab_size agreeing with the tokenizer (GPT-2's 50,257; one id per
+    character of "vocab"; the size of the embedded tokenizer.json), a dtype that holds every id, eot, token counts.
+    """
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object of metadata: re-run that dataset's prepare.py")
+    problems = []
+    if meta.get("format") != FORMAT_VERSION:
+        problems.append(f"format {meta['format']!r}, but this repo reads format {FORMAT_VERSION}" if "format" in meta
+                        else f"no format (this repo's prepare.py scripts write format {FORMAT_VERSION})")
+    tokenizer, vocab_size, dtype = meta.get("tokenizer"), meta.get("vocab_size"), meta.get("dtype")
+    kind = tokenizer if tokenizer in ("gpt2", "char") else "hf" if str(tokenizer).startswith("hf:") else None
+    if kind is None:
+        problems.append(f"tokenizer {tokenizer!r}, not 'gpt2', 'char' or 'hf:<hash>' (a tokenizer.json)")
+    sized = isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size > 0
+    if not sized:
+        problems.append(f"vocab_size {vocab_size!r}, not a positive whole number")
+    if dtype not in DTYPES:
+        problems.append(f"dtype {dtype!r}, not {' or '.join(DTYPES)}")
+    elif sized and vocab_size > DTYPES[dtype]:
+        problems.append(f"vocab_size {vocab_size:,}, more ids than {dtype} holds")
+    if kind == "gpt2" and vocab_size != GPT2_META["vocab_size"]:
+        problems.append(f"tokenizer 'gpt2' with vocab_size {vocab_size!r}, not GPT-2's {GPT2_META['vocab_size']}")
+    if kind == "char":
+        vocab = meta.get("vocab")
+        if not isinstance(vocab, list) or not all(isinstance(c, str) and len(c) == 1 for c in vocab):
+            problems.append("tokenizer 'char' without a \"vocab\" list of single characters (one per id)")
+        elif len(set(vocab)) != len(vocab):
+            problems.append("a \"vocab\" that lists a character twice")
+        elif len(vocab) != vocab_size:
+            problems.append(f"a \"vocab\" of {len(vocab):,} characters for vocab_size {vocab_size!r}")
+    if kind == "hf":
+        problems += _tokenizer_json_problems(meta.get("tokenizer_json"), vocab_size)
+    eot = meta.get("eot")
+    if eot is not None and not (isinstance(eot, int) and sized and 0 <= eot < vocab_size):
+        problems.append(f"eot {eot!r}, not an id of the vocabulary")
+    tokens = meta.get("tokens")
+    if not isinstance(tokens, dict) or not all(isinstance(tokens.get(s), int) and tokens[s] > 0 for s in SPLITS):
+        problems.append(f"tokens {tokens!r}, not a count of each split's tokens")
+    if problems:
+        raise UserError(f"{path} is not metadata this repo can trust: {'; '.join(problems)}. Re-run the "
+                        f"dataset's prepare.py, which writes it")
+    return meta
+
+
+def _tokenizer_json_problems(text, vocab_size):
+    if not isinstance(text, str):
+        return ["tokenizer 'hf:...' without the tokenizer.json itself (\"tokenizer_json\")"]
+    try:
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_str(text).get_vocab_size()
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return [f"a tokenizer_json that tokenizers cannot load ({why})"]
+    return [] if size == vocab_size else [f"a tokenizer_json of {size:,} tokens for vocab_size {vocab_size!r}"]
+
+
 def plain_meta(meta, where):
     """
     meta.json, a nanoGPT meta.pkl or a checkpoint's metadata as the dict the scripts use: vocab_size, dtype,
@@ -113,6 +176,9 @@ def plain_meta(meta, where):
     if isinstance(meta.get("chat"), dict):  # chat data's template (lib/chat.py): checkpoints keep it too
         plain["chat"] = meta["chat"]
     if itos is not None:
+        if len(itos) != plain["vocab_size"] or set(itos) != set(range(len(itos))):
+            raise UserError(f"{where} lists {len(itos):,} characters for a vocabulary of {plain['vocab_size']:,} ids "
+                            f"(ids 0 .. vocab_size - 1, one character each): re-run that dataset's prepare.py")
         plain["stoi"] = {ch: i for i, ch in itos.items()}
         plain["itos"] = itos
     return plain
@@ -142,7 +208,7 @@ def load_meta(data_dir):
     are checked to fit (an error if they do not), or when it has no bins to check, as for an old checkpoint."""
     meta, path = read_metadata(data_dir)
     if meta is not None:
-        return plain_meta(meta, path)
+        return plain_meta(check_meta_json(meta, path) if path.endswith(".json") else meta, path)
     bins = [os.path.join(data_dir, f"{split}.bin") for split in SPLITS]
     bins = [p for p in bins if os.path.exists(p) and os.path.getsize(p) % 2 == 0]  # Batches reports the others
     if not bins:

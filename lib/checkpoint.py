@@ -12,12 +12,19 @@ atomic step, so a process killed at any moment leaves the previous checkpoint wh
 editing one can never change another. best.pt is written before ckpt.pt: a kill between the two leaves a
 best.pt at least as good as ckpt.pt records, and resume (reconcile_best) takes the best of both.
 
+Every checkpoint of a run carries its run_id (new_run_id: a run from scratch or GPT-2 gets one, a resumed run keeps
+its checkpoint's), so a best.pt of another run beside ckpt.pt (copied there, or left by another model) is never
+taken for this run's best: resume sets it aside with a note (best.foreign.pt), and sampling or exporting 'best'
+uses ckpt.pt instead, with a note. Checkpoints from before run ids are told apart by their model_args.
+
 checkpoint_format='sharded' keeps the same things as folders that torch.distributed.checkpoint (DCP) writes, every
 rank its own shard and nothing gathered: out_dir/ckpt.dcp, best.dcp (weights only), ckpt_NNNNNNN.dcp; each holds
 extra.pt, everything but the tensors (iter_num, config, ...). A folder is written whole as NAME.dcp.tmp and then
 swapped in (_swap_in), so NAME.dcp, or NAME.dcp.old during the swap, is always complete. Any world size resumes
 from it (DCP reshards); `python -m lib.checkpoint convert out/ckpt.dcp out/ckpt.pt` turns it into the single file,
-and load() / find() read a folder as that file, in memory. All ranks must see out_dir (a shared filesystem).
+and load() / find() read a folder as that file, in memory. All ranks must see out_dir (a shared filesystem). A
+folder whose shard files are missing or shorter than its .metadata says is damaged (check_dcp): it gets the same
+one line as a damaged ckpt.pt, and resume falls back to the other format's checkpoint when there is one.
 """
 
 import glob
@@ -25,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 import warnings
 
 import torch
@@ -41,6 +49,9 @@ GPT2_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size") 
 # the modern recipe's options (model.GPTConfig); a checkpoint without them (older) gets GPTConfig's defaults: GPT-2
 RECIPE_KEYS = ("rotary", "rmsnorm", "qk_norm", "relu2", "zero_init", "tie_head", "logit_softcap", "x0_mix")
 ARCH_KEYS = GPT2_KEYS + RECIPE_KEYS  # what a checkpoint fixes
+# what a resumed run keeps from its checkpoint too: the optimizer's state is for this optimizer and these trainable
+# parameters (freeze.py); (setting name, its value in checkpoints from before it existed)
+STATE_KEYS = (("optimizer", "adamw"), ("freeze_layers", 0), ("unfreeze_every", 0), ("freeze_train_head", True))
 
 
 def lock(out_dir):
@@ -231,10 +242,42 @@ def save_sharded(state, out_dir, is_best=False, keep_last_n=0, replace=False):
         fsync_dir(out_dir)
 
 
+def new_run_id(state=None):
+    """The run's identity, written into each of its checkpoints: a resumed checkpoint's, else a new one."""
+    return (state or {}).get("run_id") or uuid.uuid4().hex[:12]
+
+
+def same_run(a, b):
+    """Whether two checkpoints (their states, or _peek's) come from one training run: the same run id, or for
+    checkpoints from before run ids, the same model_args."""
+    if a.get("run_id") and b.get("run_id"):
+        return a["run_id"] == b["run_id"]
+    return a.get("model_args") == b.get("model_args")
+
+
+def _foreign(best, state):
+    """How a best.pt of another run differs from state, in a few words."""
+    if best.get("run_id") and state.get("run_id"):
+        return f"run {best['run_id']}, not {state['run_id']}"
+    return "another model: its model_args differ"
+
+
+def _set_aside(path):
+    """Rename a checkpoint of another run out of the way (never deleted: it is someone's model); the new path."""
+    stem, ext = os.path.splitext(path)
+    new, n = f"{stem}.foreign{ext}", 1
+    while os.path.exists(new):
+        n += 1
+        new = f"{stem}.foreign{n}{ext}"
+    os.rename(path, new)
+    return new
+
+
 def reconcile_best(out_dir, state):
     """
     On resume: the best val loss of ckpt.pt and best.pt together, repairing best.pt when a kill (of an older
-    version that wrote ckpt.pt first) left it behind while ckpt.pt's own weights are the best ones.
+    version that wrote ckpt.pt first) left it behind while ckpt.pt's own weights are the best ones. A best.pt of
+    another run is set aside (best.foreign.pt), with a note.
     """
     best_val_loss, path = state["best_val_loss"], os.path.join(out_dir, BEST)
     best = None
@@ -242,8 +285,14 @@ def reconcile_best(out_dir, state):
     if found:
         try:
             best = _peek(found)
-        except Exception:
+        except BaseException as e:
+            if not _read_error(e):
+                raise
             best = None  # unreadable: rewritten below if ckpt.pt holds the best weights, else at the next best eval
+    if best is not None and not same_run(best, state):
+        print(f"note: {found} is from another run ({_foreign(best, state)}): set aside as {_set_aside(found)}; "
+              f"this run's next best evaluation writes its own")
+        best = None
     best_file_loss = best.get("val_loss", best.get("best_val_loss")) if best else None
     if best_file_loss is not None and best_file_loss <= best_val_loss:
         return best_file_loss
@@ -263,8 +312,10 @@ def _complete(path):
 
 
 def _peek(path):
-    """A checkpoint's iter_num, val losses, config, ...: cheap (the tensors of a .pt file are mapped, not read)."""
+    """A checkpoint's iter_num, val losses, config, ...: cheap (the tensors of a .pt file are mapped, not read; a DCP
+    folder's shards are checked to be whole, check_dcp)."""
     if os.path.isdir(path):
+        check_dcp(path)
         return torch.load(os.path.join(path, EXTRA), map_location="cpu", weights_only=True)
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -280,6 +331,30 @@ def _iters(path):
     """A checkpoint's iter_num; -1 if it cannot be read."""
     state = _peek_or_none(path)
     return state["iter_num"] if isinstance(state, dict) and isinstance(state.get("iter_num"), int) else -1
+
+
+class DamagedShards(ValueError):
+    """A DCP folder whose shard files lack bytes its .metadata lists."""
+
+
+def _read_error(e):
+    """Whether e says a checkpoint cannot be read: any Exception, and DCP's CheckpointException, a BaseException
+    (not imported for this: torch.distributed.checkpoint takes seconds to import)."""
+    return isinstance(e, Exception) or type(e).__name__ == "CheckpointException"
+
+
+def check_dcp(path):
+    """Raise DamagedShards unless every byte range that a DCP folder's .metadata lists is in its shard files."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes = {}
+    for item, where in FileSystemReader(path).read_metadata().storage_data.items():
+        file = os.path.join(path, where.relative_path)
+        if file not in sizes:
+            sizes[file] = os.path.getsize(file) if os.path.isfile(file) else -1
+        if sizes[file] < where.offset + where.length:
+            raise DamagedShards(f"{where.relative_path} is {'missing' if sizes[file] < 0 else 'truncated'} "
+                             f"({item.fqn} needs bytes {where.offset}-{where.offset + where.length})")
 
 
 def _pick(out_dir, names):
@@ -319,7 +394,7 @@ def read_dcp(path):
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-
+    check_dcp(path)  # (a missing or short shard: say which, before DCP fails on it)
     tensors = {}  # filled with everything the folder holds (what DCP's own dcp_to_torch_save does)
     _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     state = _peek(path)
@@ -327,6 +402,16 @@ def read_dcp(path):
     if "optimizer" in tensors:
         state["optimizer"] = numbered(tensors["optimizer"])
     return state
+
+
+def damaged(path, e):
+    """The one line for a checkpoint (a file or a DCP folder) that cannot be read, naming the others in its folder."""
+    folder = os.path.dirname(path.rstrip(os.sep)) or "."
+    others = sorted(p for p in glob.glob(os.path.join(folder, "*.pt")) + glob.glob(os.path.join(folder, "*.dcp"))
+                    if os.path.abspath(p) != os.path.abspath(path.rstrip(os.sep)))
+    hint = f"; other checkpoints there: {', '.join(others)}" if others else ""
+    why = f"{e}" if isinstance(e, DamagedShards) else type(e).__name__
+    return UserError(f"{path} is corrupt or incomplete ({why}){hint}")
 
 
 def load(path):
@@ -337,10 +422,10 @@ def load(path):
     try:
         state = read_dcp(path) if os.path.isdir(path) else torch.load(path, map_location="cpu", weights_only=True)
         missing = {"model", "model_args", "iter_num"} - set(state)
-    except Exception as e:
-        others = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt")))
-        hint = f"; other checkpoints there: {', '.join(others)}" if others else ""
-        raise UserError(f"{path} is corrupt or incomplete ({type(e).__name__}){hint}") from None
+    except BaseException as e:
+        if not _read_error(e):
+            raise
+        raise damaged(path, e) from None
     if missing:
         raise UserError(f"{path} is not a checkpoint of this repo (it lacks {', '.join(sorted(missing))})")
     return from_nanogpt(state, path)
@@ -383,17 +468,33 @@ def load_latest(out_dir, checkpoint_format):
         return path, load(path)
     try:
         return path, {**_peek(path), "dcp": path}
-    except Exception as e:
-        raise UserError(f"{path} is corrupt or incomplete ({type(e).__name__}): its {EXTRA} cannot be read") from None
+    except BaseException as e:
+        if not _read_error(e):
+            raise
+        raise damaged(path, e) from None
 
 
 def check_model_args(state, path, config, explicit):
-    """A setting the user gave explicitly must agree with the checkpoint's architecture."""
-    for k in ARCH_KEYS:
-        trained = state["model_args"].get(k, getattr(GPTConfig, k))  # older checkpoints: the default
-        if k in explicit and config[k] != trained:
-            raise UserError(f"{path} was trained with {k}={trained!r} but the config asks for "
-                            f"{k}={config[k]!r}: drop that setting, or use a new --out_dir to train from scratch")
+    """
+    On resume: a setting the user asked for (given explicitly, or set by an explicit --recipe) must agree with what
+    the checkpoint fixes: its architecture, its optimizer and its frozen layers (the optimizer state is for exactly
+    those parameters). Returns the settings the resumed run takes from the checkpoint instead of its defaults: those,
+    and the recipe's schedule, where the user did not ask otherwise.
+    """
+    from lib.optim import RECIPES
+
+    by_recipe = set(RECIPES[config["recipe"]]) - explicit if "recipe" in explicit else set()
+    trained_config = state.get("config", {})
+    trained = {k: state["model_args"].get(k, getattr(GPTConfig, k)) for k in ARCH_KEYS}  # older: the defaults
+    trained.update({k: trained_config.get(k, default) for k, default in STATE_KEYS})
+    for k, value in trained.items():
+        if k in explicit | by_recipe and config.get(k, value) != value:
+            asked = f"--recipe={config['recipe']} sets" if k in by_recipe else "the config asks for"
+            what = "architecture" if k in ARCH_KEYS else "optimizer and frozen layers (its optimizer state is theirs)"
+            raise UserError(f"{path} was trained with {k}={value!r} but {asked} {k}={config[k]!r}: a resumed run keeps "
+                            f"its {what}; drop that setting, or use a new --out_dir to train from scratch")
+    keep = {**trained, **{k: trained_config[k] for k in ("recipe", "lr_schedule") if k in trained_config}}
+    return {k: v for k, v in keep.items() if k in config and k not in explicit | by_recipe}
 
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -420,11 +521,23 @@ def load_pretrained(name_or_path, dropout=0.0, also_valid="resume"):
 
 def find(out_dir, ckpt="best"):
     """The checkpoint that ckpt names: 'best' (best.pt, else ckpt.pt), 'latest' (ckpt.pt), or a file in out_dir; a
-    .dcp folder where there is no .pt file (or a newer one)."""
+    .dcp folder where there is no .pt file (or a newer one). A best.pt of another run than ckpt.pt's is passed over,
+    with a note."""
     if ckpt not in ("best", "latest"):
         return _complete(os.path.join(out_dir, ckpt)) or os.path.join(out_dir, ckpt)
-    found = (ckpt == "best" and _pick(out_dir, [BEST, BEST_DCP])) or latest(out_dir)
-    return found or os.path.join(out_dir, LATEST)
+    best, last = (_pick(out_dir, [BEST, BEST_DCP]) if ckpt == "best" else None), latest(out_dir)
+    if best and last:
+        try:
+            theirs, ours = _peek(best), _peek(last)
+        except BaseException as e:
+            if not _read_error(e):
+                raise
+            theirs = ours = {}  # load() then says what is wrong with it
+        if not same_run(theirs, ours):
+            print(f"note: {best} is from another run than {last} ({_foreign(theirs, ours)}): using {last}; "
+                  f"--ckpt={os.path.basename(best)} takes it anyway", file=sys.stderr)
+            best = None
+    return best or last or os.path.join(out_dir, LATEST)
 
 
 def load_for_inference(init_from, out_dir="out", ckpt="best"):
@@ -457,6 +570,9 @@ def convert(src, dst):
     """A DCP folder (or any checkpoint) as one file in the format save() writes; dst must not exist yet."""
     if os.path.exists(dst):
         raise UserError(f"{dst} already exists: remove it first, or pick another name")
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(folder):  # said before a big checkpoint is read
+        raise UserError(f"cannot write {dst}: there is no folder {folder} (create it first, or pick another path)")
     state = load(src)
     _write_atomic(dst, state)
     fsync_dir(os.path.dirname(os.path.abspath(dst)))

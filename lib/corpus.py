@@ -8,7 +8,9 @@ only set its defaults): documents in, train.bin / val.bin / meta.json out (the f
                train_test_split(test_size=--val_fraction, seed=--seed, shuffle=True) picks, in source order
     tokens     --tokenizer=gpt2: tiktoken's encode_ordinary(document) then GPT-2's end-of-text token (50256),
                for every document; --tokenizer=char: the document's characters then a newline (no end-of-text
-               token exists), the vocabulary being every character of the corpus. Empty documents are skipped.
+               token exists), the vocabulary being every character of the corpus; --tokenizer=tokenizer.json: its
+               ids, then its <|endoftext|>. Empty documents are skipped. On every path a special token's spelling
+               in a document (a literal "<|endoftext|>") is text: only the boundary after a document is the token.
 
 Batches of documents are tokenized by --num_proc processes and written in document order, so the bins are
 byte-identical whatever --num_proc is, and memory holds only the batches in flight, never the corpus. The source
@@ -30,6 +32,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
+from configurator import RULES, ArgumentParser, Rule, at_least
 from lib.dataset import BadInput, add_overwrite, claim, fail, gpt2_encoding, token_dtype, write_dataset
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
@@ -40,7 +43,7 @@ SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --
 
 
 def parse_args(description, out_dir, paths_positional=False, **defaults):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if paths_positional:
         p.add_argument("data_files", nargs="+", metavar="PATH", help="text, JSON lines or parquet files, or folders")
     else:
@@ -52,22 +55,19 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
     p.add_argument("--revision", help="a branch, tag or commit of the hub dataset")
     p.add_argument("--split", default="train", help="the hub dataset's split to train on")
     p.add_argument("--val_split", help="the hub dataset's split to validate on (default: part of --split)")
-    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents that go to val.bin")
-    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample")
+    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents that go to val.bin",
+                   rule=Rule(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.0005", 1.0))
+    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample", rule=RULES["seed"])
     p.add_argument("--text_field", default="text", help="the column holding the text (.jsonl, .parquet, hub)")
     p.add_argument("--split_by", choices=SAMPLE_BY, default="file", help="what one document is, in .txt files")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer.json (data/train_tokenizer.py)")
-    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)")
+    p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer.json (data/train_tokenizer.py)",
+                   rule=Rule(lambda v: v in ("gpt2", "char") or (v.endswith(".json") and os.path.isfile(v)),
+                             "gpt2, char, or the path of a tokenizer.json (data/train_tokenizer.py)", "bogus"))
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)",
+                   rule=at_least(1))
     add_overwrite(p)
     p.set_defaults(**defaults)
     args = p.parse_args()
-    if args.num_proc < 1:
-        fail(f"--num_proc={args.num_proc}: use 1 or more processes")
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction={args.val_fraction}: use a share between 0 and 1, e.g. 0.0005")
-    if args.tokenizer not in ("gpt2", "char") and not (args.tokenizer.endswith(".json") and
-                                                       os.path.isfile(args.tokenizer)):
-        fail(f"--tokenizer={args.tokenizer}: use gpt2, char, or the path of a tokenizer.json (data/train_tokenizer.py)")
     if not args.data_files and not args.hub_dataset:
         fail("no documents: pass --data_files=PATH (files or folders) or --hub_dataset=NAME")
     claim(args.out_dir, args.overwrite)  # the only prepare writing there, over nothing it did not write
@@ -202,6 +202,7 @@ def encode_hf(texts, path, eot, dtype):
         from tokenizers import Tokenizer
 
         _HF[path] = Tokenizer.from_file(path)
+        _HF[path].encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     tok, ids = _HF[path], []
     for encoding in tok.encode_batch(texts, add_special_tokens=False):
         ids += [np.array(encoding.ids, dtype=dtype)] + ([np.array([eot], dtype=dtype)] if eot is not None else [])
@@ -215,9 +216,13 @@ def hf_meta(path):
 
     from tokenizers import Tokenizer
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    tok = Tokenizer.from_str(text)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # not UTF-8, not JSON, or JSON that is no tokenizer
+        fail(f"--tokenizer={path} is not a tokenizer.json that Hugging Face tokenizers can load ({_reason(e)}): "
+             f"train one with data/train_tokenizer.py")
     return {"tokenizer": "hf:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16],
             "vocab_size": tok.get_vocab_size(), "eot": tok.token_to_id("<|endoftext|>"),
             "tokenizer_file": os.path.abspath(path), "tokenizer_json": text}
@@ -314,6 +319,7 @@ def vocabulary(splits, field, num_proc):
 def main(description, out_dir, paths_positional=False, **defaults):
     t0 = time.time()
     args = parse_args(description, out_dir, paths_positional, **defaults)
+    own = hf_meta(args.tokenizer) if args.tokenizer.endswith(".json") else None  # a bad file: one line, at once
     train, val, source = load_documents(args)
     splits = {"train": train, "val": val}
     print(f"{len(train):,} train and {len(val):,} val documents from "
@@ -325,7 +331,7 @@ def main(description, out_dir, paths_positional=False, **defaults):
         encode = encode_gpt2
         meta.update(vocab_size=GPT2_VOCAB, eot=GPT2_EOT)
     elif args.tokenizer.endswith(".json"):
-        meta.update(hf_meta(args.tokenizer))
+        meta.update(own)
         encode = partial(encode_hf, path=os.path.abspath(args.tokenizer), eot=meta["eot"],
                          dtype=token_dtype(meta["vocab_size"]))
         print(f"tokenizer: {args.tokenizer} ({meta['tokenizer']}), {meta['vocab_size']:,} tokens")

@@ -29,6 +29,7 @@ import urllib.request
 
 import numpy as np
 
+from configurator import ArgumentParser
 from lib import files
 from lib.errors import UserError
 
@@ -101,7 +102,7 @@ def read_text(input_path, dataset_dir, url=TINY_SHAKESPEARE_URL):
 
 
 def parse_args(description, dataset_dir):
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     parser.add_argument("--input", help="a local UTF-8 text file (default: input.txt here, downloaded if missing)")
     parser.add_argument("--out_dir", default=dataset_dir, help="where to write train.bin, val.bin and meta.json")
     add_overwrite(parser)

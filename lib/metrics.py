@@ -312,6 +312,56 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
     files.save_figure(fig, path)
 
 
+# ----------------------------------------------------------------------------- wandb
+
+WANDB_PROBE_SECONDS = 5  # how long wandb's server may take to accept a connection before the run logs offline
+
+
+def _wandb_server_unreachable():
+    """Why wandb's server (WANDB_BASE_URL, else api.wandb.ai) cannot be reached, in a few words; None if it can.
+    Asked first, because wandb.init itself retries for ~90 s before it fails with a traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=WANDB_PROBE_SECONDS).close()
+        return None
+    except OSError as e:
+        return f"{url.hostname}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+
+
+def start_wandb(config, resume_id=None):
+    """
+    The wandb module with a run started (train.py's --wandb_log=True), continuing run resume_id if given. Without
+    network or without an API key the run logs offline (`wandb sync` uploads it later), with one note saying why:
+    a run never dies, stalls or prints a traceback for its logging. None, with a note, if wandb cannot even do that.
+    """
+    import wandb
+
+    options = dict(project=config["wandb_project"], name=config["wandb_run_name"], id=resume_id,
+                   resume="allow" if resume_id else None, config=config, allow_val_change=True)
+    why = None
+    if os.environ.get("WANDB_MODE", "online") not in ("offline", "dryrun", "disabled"):
+        why = _wandb_server_unreachable()
+    try:
+        if why is None:
+            try:
+                wandb.init(**options)
+            except Exception as e:  # no API key (wandb.errors.UsageError), a key the server refuses, ...
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if why is not None:
+            wandb.init(mode="offline", **options)
+            print(f"note: wandb logs offline ({why}); upload later with: wandb sync {os.path.dirname(wandb.run.dir)}")
+    except Exception as e:
+        print(f"note: no wandb logging ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+    wandb.define_metric("step")
+    wandb.define_metric("*", step_metric="step")  # our step is the x axis, across resumes too
+    return wandb
+
+
 # ----------------------------------------------------------------------------- the run log
 
 class RunLog:
@@ -341,7 +391,7 @@ class RunLog:
         self.prompt_ids = None
         if self.tok is not None and config["sample_interval"] > 0:
             try:
-                self.prompt_ids = self.tok.encode(config["sample_prompt"]) or None
+                self.prompt_ids = self.tok.encode(config["sample_prompt"], allow_special=True) or None
             except UserError as e:
                 note = f"no samples during training: --sample_prompt={config['sample_prompt']!r}: {e}"
         self.doctor = Doctor(self.tok.valid_vocab if self.tok else vocab_size, config["warmup_iters"],
@@ -361,15 +411,9 @@ class RunLog:
         # wandb: a resumed run continues the checkpoint's wandb run
         self.wandb, self.wandb_run_id = None, wandb_run_id  # kept through runs without wandb too
         if config["wandb_log"] and self.master:
-            import wandb
-
             resume_id = wandb_run_id if config["init_from"] == "resume" and not self.eval_only else None
-            run = wandb.init(project=config["wandb_project"], name=config["wandb_run_name"], id=resume_id,
-                             resume="allow" if resume_id else None, config=config, allow_val_change=True)
-            self.wandb_run_id = run.id  # saved in the checkpoints
-            wandb.define_metric("step")
-            wandb.define_metric("*", step_metric="step")  # our step is the x axis, across resumes too
-            self.wandb = wandb
+            self.wandb = start_wandb(config, resume_id)
+            self.wandb_run_id = self.wandb.run.id if self.wandb else wandb_run_id  # saved in the checkpoints
 
         if self.master:
             self._header(peak_flops, compiled)

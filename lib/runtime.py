@@ -4,6 +4,7 @@ Shared by train.py, sample.py and bench.py.
 """
 
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -16,12 +17,15 @@ from lib.errors import UserError  # noqa: F401 (defined without torch, for the d
 
 
 def install_error_hook():
-    """Print UserError, ConfigError and CUDA out-of-memory as one line; anything else keeps its traceback."""
+    """Print UserError, ConfigError, CUDA out-of-memory and the loss of another torchrun rank as one line; anything
+    else keeps its traceback."""
     default_hook = sys.excepthook
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, (UserError, ConfigError)):
             print(f"error: {exc}", file=sys.stderr)
+        elif (lost := lost_rank(exc)) is not None:
+            print(f"error: {lost}", file=sys.stderr)
         elif issubclass(exc_type, torch.OutOfMemoryError):
             print("error: out of GPU memory. Use a smaller --batch_size with a larger --gradient_accumulation_steps "
                   "(same tokens per step), a smaller --block_size or model, or --dtype=bfloat16.", file=sys.stderr)
@@ -189,7 +193,59 @@ def init_distributed(device):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:  # where this rank runs, so that another rank can tell when it died (lost_rank)
+        dist.distributed_c10d._get_default_store().set(f"pid{rank}", f"{socket.gethostname()} {os.getpid()}")
+    except Exception:
+        pass
     return rank, local_rank, world_size, device
+
+
+def _running(pid):
+    """Whether process pid is alive on this machine (a zombie, dead but not yet reaped by torchrun, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def lost_rank(exc):
+    """
+    For a torchrun rank whose collective failed because another rank's process is gone (killed, out of memory,
+    crashed; gloo: 'Connection reset by peer' or 'closed by peer'; a DistError under NCCL): the one line to say so,
+    naming the rank that died when it ran on this machine (each rank wrote its host and pid into torchrun's store).
+    None for any other exception.
+    """
+    import torch.distributed as dist
+
+    text = str(exc)
+    if not (dist.is_available() and dist.is_initialized()) or not (
+            isinstance(exc, getattr(dist, "DistError", ())) or
+            isinstance(exc, RuntimeError) and "gloo" in text and "peer" in text):
+        return None
+    me, world = dist.get_rank(), dist.get_world_size()
+    dead = []
+    try:
+        store, host = dist.distributed_c10d._get_default_store(), socket.gethostname()
+        for r in range(world):
+            if r != me and store.check([f"pid{r}"]):
+                their_host, pid = store.get(f"pid{r}").decode().split()
+                if their_host == host and not _running(int(pid)):
+                    dead.append(r)
+    except Exception:
+        pass
+    who = (f"rank {dead[0]}" if len(dead) == 1 else f"ranks {', '.join(map(str, dead))}") if dead else "another rank"
+    why = text.split("] ", 1)[-1].split(". This is typically", 1)[0].strip()
+    return (f"{who} of this torchrun run stopped ({why}), so rank {me} stops too; {who}'s own output says why "
+            f"(nothing if it was killed, e.g. for lack of memory)")
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s for MFU
@@ -234,3 +290,54 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.startswith("mps"):
         torch.mps.synchronize()
+
+
+# ----------------------------------------------------------------------------- memory, before allocating
+
+def human_bytes(n):
+    """1536 -> '1.5 KiB', 3e12 -> '2.7 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def available_memory(device):
+    """(bytes the device can still give, what they are), or (None, None) where it cannot be told."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(device)[0], f"free on {torch.cuda.get_device_name(device)}"
+    if device.startswith("mps"):
+        limit = getattr(torch.mps, "recommended_max_memory", None)
+        return (limit(), "MPS's recommended working set") if limit else (None, None)
+    try:  # Linux: what the kernel can give without swapping, the page cache included
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "available host memory"
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host memory"
+        except (ValueError, OSError, AttributeError):
+            return None, None
+
+
+def training_memory(n_params, cfg, batch_size, dtype, device_type, optimizer="adamw", activation_checkpointing=False,
+                    shards=1):
+    """
+    A lower bound of the bytes one training step holds at its peak, by part: float32 weights, gradients and
+    optimizer state (AdamW: two moments; Muon: about one; FSDP divides all three over `shards` ranks), and the
+    activations that backward keeps for one micro-batch of batch_size sequences of cfg.block_size tokens. Per
+    block about 16 values per token and channel in the compute dtype (norm, attention and MLP inputs, queries,
+    keys, values, the 4x MLP), with flash attention; where attention is written out (a CPU under bfloat16 autocast,
+    MPS) also its two (T, T) score tables per head; and the logits with their float32 log-softmax. Activation
+    checkpointing keeps each block's input and one block's activations. Real steps take more (allocator slack,
+    temporaries), so a refusal by this estimate is never wrong.
+    """
+    B, T, C, L, H, V = batch_size, cfg.block_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+    s = 4 if dtype == "float32" else 2  # bytes per activation value
+    block = 16 * s * B * T * C
+    if device_type == "mps" or (device_type == "cpu" and dtype != "float32"):
+        block += 2 * s * B * H * T * T
+    blocks = L * 4 * B * T * C + block if activation_checkpointing else L * block
+    return {"weights": 4 * n_params / shards, "gradients": 4 * n_params / shards,
+            "optimizer state": (8 if optimizer == "adamw" else 4) * n_params / shards,
+            "activations": blocks + (s + 4) * B * T * V}

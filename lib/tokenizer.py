@@ -3,8 +3,13 @@ Text <-> token ids for a dataset's metadata (batches.load_meta / checkpoint_meta
 or GPT-2's BPE via tiktoken (the tokenizer 'gpt2', and any metadata without a character vocabulary), or your own
 byte-level BPE (tokenizer 'hf:<hash>', data/train_tokenizer.py) from the tokenizer.json the metadata embeds.
 
+encode() reads all text as text: a special token's spelling in it (a literal "<|endoftext|>" in a document) becomes
+the ids of its characters, as tiktoken's encode_ordinary and data/*/prepare.py do. Only a prompt, with
+allow_special=True, may ask for the special token itself by its spelling (sample.py --start='<|endoftext|>').
+
     tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)
     ids = tok.encode("ROMEO:"); text = tok.decode(ids)
+    tok.encode(prompt, allow_special=True)  # a prompt may hold "<|endoftext|>" as the token itself
     tok.eot           # <|endoftext|>'s id, or None (characters)
     tok.valid_vocab   # ids >= this are padding of the model's vocabulary: never sampled
     tok.token_bytes(vocab_size)  # UTF-8 bytes each id stands for (0: padding, special tokens), for bits per byte
@@ -27,7 +32,7 @@ class CharTokenizer:
         self.stoi = {ch: int(i) for ch, i in stoi.items()}
         self.valid_vocab = len(self.itos)
 
-    def encode(self, text):
+    def encode(self, text, allow_special=False):  # (characters have no special tokens)
         unknown = sorted(set(text) - set(self.stoi))
         if unknown:
             raise UserError(f"the prompt has characters the model never saw: {''.join(unknown)!r}")
@@ -60,8 +65,10 @@ class BPETokenizer:
         self.valid_vocab = min(self.enc.n_vocab, vocab_size or self.enc.n_vocab)  # past n_vocab: padding
         self._bytes = None
 
-    def encode(self, text):
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+    def encode(self, text, allow_special=False):
+        if allow_special:
+            return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
@@ -101,14 +108,20 @@ class HFTokenizer:
     def __init__(self, name, tokenizer_json, vocab_size=None):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_str(tokenizer_json)
+        try:
+            self.tok = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # a damaged file in the metadata or checkpoint
+            raise UserError(f"the tokenizer.json that the metadata of {name} holds cannot be loaded "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): re-run the dataset's "
+                            f"prepare.py with --tokenizer=path/to/tokenizer.json") from None
         self.name, self.eot = name, self.tok.token_to_id("<|endoftext|>")
         n = self.tok.get_vocab_size()
         self.valid_vocab = min(n, vocab_size or n)
         self.special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         self._bytes = {}
 
-    def encode(self, text):
+    def encode(self, text, allow_special=False):
+        self.tok.encode_special_tokens = not allow_special  # True: "<|endoftext|>" in the text is text
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):

@@ -268,8 +268,9 @@ def test_bad_values_are_one_line_before_training(char_data, tmp_path):
           "warmup_iters=10 must be smaller than lr_decay_iters=10")
     fails(run("train.py", "--device=cpu", "--dtype=float16", out, check=False), "float16 on the CPU", "bfloat16")
     fails(run("train.py", *TINY, f"--dataset={char_data}", "--init_from=scrath", out, check=False),
-          "init_from='scrath' is not a valid value: use scratch, resume, gpt2,")
-    fails(run("sample.py", "--init_from=gpt-2", check=False), "init_from='gpt-2' is not a valid value", "gpt2-medium")
+          "init_from='scrath' cannot work: init_from must be 'scratch' (train.py), 'resume', 'gpt2',",
+          "(did you mean 'scratch'?)")
+    fails(run("sample.py", "--init_from=gpt-2", check=False), "init_from='gpt-2' cannot work", "gpt2-medium")
     fails(run("train.py", "--dataset=no_such_data", out, check=False), "no dataset at", "--dataset is a folder under "
           "data/ (", "shakespeare_char")
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
