@@ -183,10 +183,10 @@ def test_checkpoint_errors(char_data, tmp_path, trained):
 
 
 def test_device_and_sampling_errors(trained):
-    fails(run("train.py", "--device=gpu", check=False), "unknown device 'gpu'")
+    fails(run("train.py", "--device=gpu", check=False), "device='gpu' cannot work: device must be auto, cpu, cuda")
     if not torch.cuda.is_available():
         fails(run("train.py", "--device=cuda", check=False), "no CUDA GPU is visible")
-    fails(run("train.py", "--dtype=fp8", check=False), "unknown dtype 'fp8'")
+    fails(run("train.py", "--dtype=fp8", check=False), "dtype='fp8' cannot work: dtype must be one of 'auto'")
     fails(run("sample.py", f"--out_dir={trained}", "--start=日本", check=False), "characters the model never saw")
 
 
