@@ -114,8 +114,6 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float1
 compiled = compile and can_compile(device_type)
 if against and profile:
     raise UserError("--against and --profile are separate runs: drop one of them")
-if against and rounds < 1:
-    raise UserError(f"--rounds={rounds}: --against needs at least 1 round")
 
 
 def load_model_py(rev_or_path):

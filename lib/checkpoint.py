@@ -37,6 +37,7 @@ import warnings
 
 import torch
 
+from configurator import GPT2_NAMES
 from lib import files
 from lib.files import DiskFull, fsync_dir, write_atomic  # noqa: F401 (DiskFull: train.py catches it)
 from lib.runtime import UserError
@@ -249,10 +250,11 @@ def new_run_id(state=None):
 
 def same_run(a, b):
     """Whether two checkpoints (their states, or _peek's) come from one training run: the same run id, or for
-    checkpoints from before run ids, the same model_args."""
+    checkpoints from before run ids, the same architecture (dropout may change on resume)."""
     if a.get("run_id") and b.get("run_id"):
         return a["run_id"] == b["run_id"]
-    return a.get("model_args") == b.get("model_args")
+    arch = lambda s: {k: v for k, v in s.get("model_args", {}).items() if k != "dropout"}  # noqa: E731
+    return arch(a) == arch(b)
 
 
 def _foreign(best, state):
@@ -354,7 +356,7 @@ def check_dcp(path):
             sizes[file] = os.path.getsize(file) if os.path.isfile(file) else -1
         if sizes[file] < where.offset + where.length:
             raise DamagedShards(f"{where.relative_path} is {'missing' if sizes[file] < 0 else 'truncated'} "
-                             f"({item.fqn} needs bytes {where.offset}-{where.offset + where.length})")
+                                f"({item.fqn} needs bytes {where.offset}-{where.offset + where.length})")
 
 
 def _pick(out_dir, names):
@@ -495,9 +497,6 @@ def check_model_args(state, path, config, explicit):
                             f"its {what}; drop that setting, or use a new --out_dir to train from scratch")
     keep = {**trained, **{k: trained_config[k] for k in ("recipe", "lr_schedule") if k in trained_config}}
     return {k: v for k, v in keep.items() if k in config and k not in explicit | by_recipe}
-
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def load_pretrained(name_or_path, dropout=0.0, also_valid="resume"):

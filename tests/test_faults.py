@@ -191,6 +191,7 @@ def test_device_and_sampling_errors(trained):
 
 
 def test_out_of_memory_gets_advice():
-    code = "import runtime, torch; runtime.install_error_hook(); raise torch.OutOfMemoryError('CUDA out of memory.')"
+    code = ("import torch; from lib import runtime; runtime.install_error_hook(); "
+            "raise torch.OutOfMemoryError('CUDA out of memory.')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     fails(proc, "out of GPU memory", "--gradient_accumulation_steps")

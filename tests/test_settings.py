@@ -20,7 +20,8 @@ import configurator
 from configurator import RULES, ConfigError
 from conftest import REPO, run
 
-TRAIN_FREE = {"out_dir", "wandb_project", "wandb_run_name", "dataset", "sample_prompt", "hellaswag_file"}
+TRAIN_FREE = {"out_dir", "wandb_project", "wandb_run_name", "dataset", "sample_prompt", "eval_tasks", "eval_bundle",
+              "hellaswag_file"}
 CORPUS_FREE = {"data_files", "out_dir", "hub_dataset", "name", "revision", "split", "val_split", "text_field"}
 # script: (arguments after which it stops at once should a bad value ever pass its check ({tmp}: an empty folder),
 #          its settings that take any value of their type: names, paths, prompts)
@@ -29,8 +30,7 @@ SCRIPTS = {
     "sample.py": (["--device=cpu", "--out_dir={tmp}"], {"out_dir", "ckpt", "start"}),
     "bench.py": (["--device=mps"], TRAIN_FREE | {"profile_dir", "against"}),  # (tests run on Linux: no MPS)
     "export.py": (["--out_dir={tmp}", "--hf_dir={tmp}/hf"], {"out_dir", "ckpt", "hf_dir"}),
-    "eval_hellaswag.py": (["--device=cpu", "--out_dir={tmp}", "--input={tmp}/none.jsonl"],
-                          {"out_dir", "ckpt", "input"}),
+    "eval.py": (["--device=cpu", "--out_dir={tmp}"], {"out_dir", "ckpt", "tasks", "bundle", "hellaswag_file", "results"}),
     "experiments/lr_find.py": (["--device=cpu", "--dataset={tmp}/none"], TRAIN_FREE | {"out_png"}),
     "experiments/ablation.py": (["--dataset={tmp}/none"], {"dataset", "out", "plot"}),
     "experiments/scaling_sweep.py": (["--dataset={tmp}/none"], {"dataset", "out_dir"}),

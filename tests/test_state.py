@@ -109,6 +109,8 @@ def test_a_best_pt_of_another_run_is_passed_over_and_set_aside(tmp_path, capsys)
 def test_checkpoints_from_before_run_ids_are_told_apart_by_their_model(tmp_path):
     assert checkpoint.same_run(tiny_state(None), tiny_state(None))
     assert not checkpoint.same_run(tiny_state(None), tiny_state(None, n_embd=16))
+    resumed_with_dropout = {**tiny_state(None), "model_args": {"n_embd": 8, "dropout": 0.1}}
+    assert checkpoint.same_run(tiny_state(None), resumed_with_dropout)  # dropout may change on resume
     assert checkpoint.same_run(tiny_state("a"), tiny_state(None))  # one old, one new: the model decides
     assert not checkpoint.same_run(tiny_state("a"), tiny_state("b"))
 
