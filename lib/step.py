@@ -226,7 +226,7 @@ class StopSignal:
 def model_size(cfg):
     """(parameters, training FLOPs per token) of a GPT of model.GPTConfig cfg, as model.GPT counts them
     (get_num_params(False), flops_per_token()), without building it: a GPT of the size asked for may not fit
-    (tests/test_state.py checks the two agree)."""
+    (tests/test_limits.py checks the two agree)."""
     C, V, T, L = cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.n_layer
     norm = 0 if cfg.rmsnorm else C * (2 if cfg.bias else 1)  # LayerNorm's weight and bias; RMSNorm has none
 
