@@ -583,7 +583,8 @@ def test_train_scores_tasks_every_n_steps_and_refuses_char_data(tmp_path, bundle
     ids = np.random.default_rng(0).integers(0, 50257, size=4000).astype(np.uint16)  # random GPT-2 ids
     for split in ("train", "val"):
         ids.tofile(data / f"{split}.bin")
-    (data / "meta.json").write_text(json.dumps(GPT2_META))
+    meta = {"format": 1, **GPT2_META, "eot": 50256, "tokens": {"train": len(ids), "val": len(ids)}}  # as prepare writes
+    (data / "meta.json").write_text(json.dumps(meta))
     args = [*TINY, "--max_iters=3", "--eval_interval=3", "--sample_interval=0", "--eval_every=2",
             f"--eval_bundle={bundle}", "--eval_limit=3"]
     proc = run("train.py", *args, f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", env=ONE_THREAD)
