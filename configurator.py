@@ -67,7 +67,7 @@ RULES = {
                      "grad_clip", "keep_last_n", "temperature", "top_k", "max_new_tokens", "warmup_steps", "seed",
                      "sample_interval", "eval_every", "eval_limit", "limit", "batch_tokens", "total_batch_size",
                      "target_flops", "tokens_per_param", "depth", "freeze_layers", "unfreeze_every", "logit_softcap",
-                     "muon_lr", "max_seconds", "target_val_loss", "progress_delay"], at_least(0)),
+                     "muon_lr", "max_seconds", "target_val_loss", "progress_delay", "show"], at_least(0)),
     **dict.fromkeys(["dropout", "beta1", "beta2", "muon_momentum", "smooth"], between(0, 1, high_open=True)),
     **dict.fromkeys(["cooldown_frac", "final_lr_frac"], between(0, 1)),
     **dict.fromkeys(["lr_start", "lr_end"], above(0)),

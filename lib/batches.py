@@ -94,7 +94,8 @@ def check_meta_json(meta, path):
     """
     meta.json as lib/dataset.py writes it, or one line naming each thing wrong with it: the format version, the
     tokenizer ('gpt2', 'char' or 'hf:<hash>'), vocab_size agreeing with the tokenizer (GPT-2's 50,257; one id per
-    character of "vocab"; the size of the embedded tokenizer.json), a dtype that holds every id, eot, token counts.
+    character of "vocab"; the size of the embedded tokenizer.json; chat data's markers right after those: the
+    "chat" entry, lib/chat.py), a dtype that holds every id, eot, token counts.
     """
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not a JSON object of metadata: re-run that dataset's prepare.py")
@@ -113,18 +114,27 @@ def check_meta_json(meta, path):
         problems.append(f"dtype {dtype!r}, not {' or '.join(DTYPES)}")
     elif sized and vocab_size > DTYPES[dtype]:
         problems.append(f"vocab_size {vocab_size:,}, more ids than {dtype} holds")
-    if kind == "gpt2" and vocab_size != GPT2_META["vocab_size"]:
-        problems.append(f"tokenizer 'gpt2' with vocab_size {vocab_size!r}, not GPT-2's {GPT2_META['vocab_size']}")
+    base = vocab_size  # the tokenizer's own ids; chat data's markers come after them
+    if "chat" in meta:
+        markers = meta["chat"].get("tokens") if isinstance(meta["chat"], dict) else None
+        ids = sorted(markers.values()) if isinstance(markers, dict) and markers else []
+        if not ids or not all(isinstance(i, int) for i in ids) or ids != list(range(ids[0], ids[0] + len(ids))) \
+                or ids[-1] + 1 != vocab_size:
+            problems.append(f"a \"chat\" entry whose markers are not the last ids of vocab_size {vocab_size!r}")
+        else:
+            base = ids[0]
+    if kind == "gpt2" and base != GPT2_META["vocab_size"]:
+        problems.append(f"tokenizer 'gpt2' with {base!r} ids of its own, not GPT-2's {GPT2_META['vocab_size']}")
     if kind == "char":
         vocab = meta.get("vocab")
         if not isinstance(vocab, list) or not all(isinstance(c, str) and len(c) == 1 for c in vocab):
             problems.append("tokenizer 'char' without a \"vocab\" list of single characters (one per id)")
         elif len(set(vocab)) != len(vocab):
             problems.append("a \"vocab\" that lists a character twice")
-        elif len(vocab) != vocab_size:
+        elif len(vocab) != base:
             problems.append(f"a \"vocab\" of {len(vocab):,} characters for vocab_size {vocab_size!r}")
     if kind == "hf":
-        problems += _tokenizer_json_problems(meta.get("tokenizer_json"), vocab_size)
+        problems += _tokenizer_json_problems(meta.get("tokenizer_json"), base)
     eot = meta.get("eot")
     if eot is not None and not (isinstance(eot, int) and sized and 0 <= eot < vocab_size):
         problems.append(f"eot {eot!r}, not an id of the vocabulary")
@@ -176,7 +186,8 @@ def plain_meta(meta, where):
     if isinstance(meta.get("chat"), dict):  # chat data's template (lib/chat.py): checkpoints keep it too
         plain["chat"] = meta["chat"]
     if itos is not None:
-        if len(itos) != plain["vocab_size"] or set(itos) != set(range(len(itos))):
+        markers = len(meta["chat"].get("tokens", {})) if isinstance(meta.get("chat"), dict) else 0  # chat data's
+        if len(itos) + markers != plain["vocab_size"] or set(itos) != set(range(len(itos))):
             raise UserError(f"{where} lists {len(itos):,} characters for a vocabulary of {plain['vocab_size']:,} ids "
                             f"(ids 0 .. vocab_size - 1, one character each): re-run that dataset's prepare.py")
         plain["stoi"] = {ch: i for i, ch in itos.items()}

@@ -31,6 +31,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from configurator import RULES, ArgumentParser, Rule, at_least
 from lib import chat
 from lib.batches import SPLITS, TRAIN_STEP, Batches, checkpoint_meta, load_meta, read_metadata
 from lib.corpus import _reason, in_batches, local_files, progress, validation_rows
@@ -229,34 +230,36 @@ def load_conversations(args):
 # ----------------------------------------------------------------------------- prepare
 
 def parse_args(description, out_dir):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    yes = lambda s: {"true": True, "false": False}[s.lower()]  # noqa: E731  (--skip_bad=True, as train.py writes)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def yes(text):  # --skip_bad=True, as train.py writes
+        if text.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not True or False")
+        return text.lower() == "true"
+
     p.add_argument("--data_files", nargs="+", metavar="PATH", help="local .jsonl or .parquet files, or folders")
     p.add_argument("--hub_dataset", help="a dataset on the Hugging Face hub, e.g. HuggingFaceTB/smol-smoltalk")
     p.add_argument("--name", help="the hub dataset's configuration (subset)")
     p.add_argument("--revision", help="a branch, tag or commit of the hub dataset")
     p.add_argument("--split", default="train", help="the hub dataset's split to train on")
     p.add_argument("--val_split", help="the hub dataset's split to validate on (default: part of --split)")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="share of conversations that go to val")
-    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample")
+    p.add_argument("--val_fraction", type=float, default=0.01, help="share of conversations that go to val",
+                   rule=Rule(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.01", 1.0))
+    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample", rule=RULES["seed"])
     p.add_argument("--messages_field", default="messages", help="the column (or JSON key) holding the messages")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, a tokenizer.json, or a dataset folder or "
                    "checkpoint whose tokenizer to use (the model you will finetune)")
-    p.add_argument("--block_size", type=int, default=1024, help="the most tokens of a conversation (training's)")
+    p.add_argument("--block_size", type=int, default=1024, help="the most tokens of a conversation (training's)",
+                   rule=at_least(2, ", the block_size you will train with"))
     p.add_argument("--too_long", choices=("truncate", "drop"), default="truncate",
                    help="a conversation longer than block_size: cut at block_size, or left out")
     p.add_argument("--skip_bad", type=yes, default=False, metavar="True|False",
                    help="skip (and count) rows that are not usable conversations instead of stopping")
-    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="processes that tokenize (default: all cores)",
+                   rule=at_least(1))
     p.add_argument("--out_dir", "--out", default=out_dir, help="where to write the dataset")
     add_overwrite(p)
     args = p.parse_args()
-    if args.num_proc < 1:
-        fail(f"--num_proc={args.num_proc}: use 1 or more processes")
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction={args.val_fraction}: use a share between 0 and 1, e.g. 0.01")
-    if args.block_size < 2:
-        fail(f"--block_size={args.block_size}: use the block_size you will train with, e.g. 1024")
     if not args.data_files and not args.hub_dataset:
         fail("no conversations: pass --data_files=PATH (.jsonl or .parquet files or folders) or --hub_dataset=NAME")
     claim(args.out_dir, args.overwrite)  # the only prepare writing there, over nothing it did not write

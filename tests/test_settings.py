@@ -30,7 +30,8 @@ SCRIPTS = {
     "sample.py": (["--device=cpu", "--out_dir={tmp}"], {"out_dir", "ckpt", "start"}),
     "bench.py": (["--device=mps"], TRAIN_FREE | {"profile_dir", "against"}),  # (tests run on Linux: no MPS)
     "export.py": (["--out_dir={tmp}", "--hf_dir={tmp}/hf"], {"out_dir", "ckpt", "hf_dir"}),
-    "eval.py": (["--device=cpu", "--out_dir={tmp}"], {"out_dir", "ckpt", "tasks", "bundle", "hellaswag_file", "results"}),
+    "eval.py": (["--device=cpu", "--out_dir={tmp}"],
+                {"out_dir", "ckpt", "tasks", "bundle", "hellaswag_file", "results"}),
     "experiments/lr_find.py": (["--device=cpu", "--dataset={tmp}/none"], TRAIN_FREE | {"out_png"}),
     "experiments/ablation.py": (["--dataset={tmp}/none"], {"dataset", "out", "plot"}),
     "experiments/scaling_sweep.py": (["--dataset={tmp}/none"], {"dataset", "out_dir"}),
@@ -41,6 +42,12 @@ SCRIPTS = {
     "data/tinystories/prepare.py": (["--data_files={tmp}/none"], CORPUS_FREE),
     "data/text/prepare.py": (["{tmp}/none"], CORPUS_FREE - {"data_files"}),  # (its files: positional)
     "data/train_tokenizer.py": (["{tmp}/none.txt", "--out={tmp}/tokenizer.json"], {"out"}),
+    "chat.py": (["--device=cpu", "--out_dir={tmp}"], {"out_dir", "ckpt", "prompt", "system"}),
+    "eval_chat.py": (["--device=cpu", "--out_dir={tmp}", "--tests={tmp}/none.jsonl"],
+                     {"out_dir", "ckpt", "tests", "dataset"}),
+    "data/chat/prepare.py": (["--data_files={tmp}/none", "--out_dir={tmp}/out"],
+                             CORPUS_FREE - {"text_field"} | {"messages_field", "tokenizer"}),
+    "data/chat/synthetic.py": (["--out={tmp}/out", "--words_from={tmp}/none.txt"], {"out", "words_from"}),
 }
 
 

@@ -22,7 +22,6 @@ conversation that has earlier turns. Every row has a "task" field (of its last q
 accuracy. The same --seed gives the same files.
 """
 
-import argparse
 import json
 import os
 import random
@@ -32,6 +31,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)  # the repo, for lib/
+from configurator import RULES, ArgumentParser, Rule, at_least, between  # noqa: E402
 from lib import files  # noqa: E402
 from lib.dataset import add_overwrite  # noqa: E402
 
@@ -100,27 +100,33 @@ def default_text():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    def lengths(text):  # --letters: "3-8", the shortest and longest word length
+        shortest, _, longest = text.partition("-")
+        return shortest.isdigit() and longest.isdigit() and 0 < int(shortest) <= int(longest)
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "data", "chat_tasks"), help="folder for train/test.jsonl")
     p.add_argument("--words_from", help="a text whose words to use (default: tiny Shakespeare)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"some of {','.join(TASKS)}")
-    p.add_argument("--train", type=int, default=20000, help="training conversations per task")
-    p.add_argument("--test", type=int, default=200, help="held-out conversations per task")
-    p.add_argument("--held_out", type=float, default=0.2, help="share of the words (and sums) kept for testing")
-    p.add_argument("--letters", default="3-8", help="the words' lengths, e.g. 3-5 for an easier task")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"some of {','.join(TASKS)}",
+                   rule=Rule(lambda v: set(v.split(",")) <= set(TASKS), f"comma-separated, among {','.join(TASKS)}",
+                             "bogus"))
+    p.add_argument("--train", type=int, default=20000, help="training conversations per task", rule=at_least(1))
+    p.add_argument("--test", type=int, default=200, help="held-out conversations per task", rule=at_least(0))
+    p.add_argument("--held_out", type=float, default=0.2, help="share of the words (and sums) kept for testing",
+                   rule=Rule(lambda v: 0 < v < 1, "in (0, 1): both splits need words", 1.0))
+    p.add_argument("--letters", default="3-8", help="the words' lengths, e.g. 3-5 for an easier task",
+                   rule=Rule(lengths, "the shortest and longest word length, e.g. 3-8", "8-3"))
     p.add_argument("--two_turns", type=float, default=0.25, help="share of training conversations that ask two "
-                   "questions (when both fit in --max_chars), so that a model also answers after earlier turns")
+                   "questions (when both fit in --max_chars), so that a model also answers after earlier turns",
+                   rule=between(0, 1))
     p.add_argument("--max_chars", type=int, default=56, help="the longest two-question conversation, in characters "
-                   "of its messages (a block_size of 64 holds 56 characters and the 8 chat tokens of 4 messages)")
-    p.add_argument("--seed", type=int, default=1337)
+                   "of its messages (a block_size of 64 holds 56 characters and the 8 chat tokens of 4 messages)",
+                   rule=at_least(1))
+    p.add_argument("--seed", type=int, default=1337, rule=RULES["seed"])
     add_overwrite(p)
     args = p.parse_args()
     tasks = args.tasks.split(",")
-    if not tasks or set(tasks) - set(TASKS):
-        sys.exit(f"error: --tasks={args.tasks}: choose among {','.join(TASKS)}")
     shortest, _, longest = args.letters.partition("-")
-    if not (shortest.isdigit() and longest.isdigit() and 0 < int(shortest) <= int(longest)):
-        sys.exit(f"error: --letters={args.letters}: give the shortest and longest word length, e.g. 3-8")
     path = args.words_from or default_text()
     with open(path, encoding="utf-8") as f:
         words = sorted(set(re.findall(rf"\b[a-z]{{{shortest},{longest}}}\b", f.read())))
