@@ -23,6 +23,7 @@ import itertools
 import torch
 from torch import nn
 
+from lib.runtime import trust_cpu_vector_flags
 from model import draw, next_token_distribution
 
 ROOM_STEP = 256  # the cache's length is the tokens a call needs, rounded up to this (capped at block_size):
@@ -91,6 +92,8 @@ class Decoder:
         self.model, self.cache, self.compiled, self.lowered = model, None, compile, {}
         self.cudagraphs = compile and next(model.parameters()).device.type == "cuda"
         self.step = step
+        if compile and not self.cudagraphs:
+            trust_cpu_vector_flags()
         if compile:
             self.step = torch.compile(step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if self.cudagraphs else None)
