@@ -14,7 +14,8 @@ shapes and no changing Python number every time (each would compile anew): Stati
 tensor on the device, writes new keys and values at it, and attention reads the whole buffer with a mask of the
 positions written so far. The prompt runs through the same cache uncompiled, once; draws from per-row generators stay
 outside the graph. The tokens are generate_tokens' for the same seed: the same model code and the same sampling, only
-compiled (float rounding can differ in the last bit, which flips a token only at an exact tie).
+compiled. In float32 that holds token for token (tested); under bfloat16 autocast the compiled kernels round otherwise
+(fused ops keep float32 intermediates), so a long greedy sample can part from the uncompiled one.
 """
 
 import copy
