@@ -82,22 +82,43 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so sampling feeds one new token per step."""
+    """
+    Keys and values of every layer for the tokens seen so far, so that every token goes through the model once: a
+    prompt, then one new token per step, or a chat's next turn after the tokens already in it. Allocated once, on
+    first use, for max_len tokens (block_size unless given), in the values' dtype (autocast may lower it; RMS-normed
+    keys come float32 and are stored in it too, so attention never converts the whole cache). The model asks it
+    where(T) the T new tokens sit, update() per layer, then advance(T); lib/decode.StaticKVCache answers the same
+    with its position on the device, for one compiled decoding step.
+    """
 
-    def __init__(self, config, batch_size):
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = self.v = None  # allocated on first use, in the values' dtype (autocast may lower it; RMS-normed keys
-        # come float32 and are stored in it too, so attention never converts the whole cache)
+    def __init__(self, config, batch_size, max_len=None):
+        max_len = max_len or config.block_size
+        assert max_len <= config.block_size, f"max_len {max_len} > block_size {config.block_size}"
+        self.shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = self.v = None
         self.length = 0  # tokens already cached
 
+    def where(self, T):
+        """The positions of the next T tokens, as an index into the position tables."""
+        assert self.length + T <= self.shape[3], f"{self.length + T} tokens > the cache's {self.shape[3]}"
+        return slice(self.length, self.length + T)
+
     def update(self, layer, k, v):
-        """Store this step's (B, nh, T, hs) keys/values of `layer`; return all of them so far."""
+        """Store this step's (B, nh, T, hs) keys/values of `layer`. Returns all keys and values so far and which of
+        them each new query sees: a (T, T_total) mask, or None when that is all of them (T == 1) or the causal
+        pattern (an empty cache)."""
         if self.k is None:
             self.k, self.v = v.new_zeros(self.shape), v.new_zeros(self.shape)
         start, end = self.length, self.length + k.size(2)
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        mask = None
+        if 0 < start and k.size(2) > 1:  # several tokens after cached ones: query i sees keys 0 .. start + i
+            mask = torch.ones(k.size(2), end, dtype=torch.bool, device=k.device).tril(start)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+    def advance(self, T):
+        self.length += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,12 +146,11 @@ class CausalSelfAttention(nn.Module):
             if rope is not None:  # rotary: q.k then depends only on the positions' difference
                 qk = apply_rotary(qk, *rope)
             q, k = qk
+        mask = None
         if kv_cache is not None:
-            # a cache is filled by one prompt (T > 1, causal) then one token at a time (T == 1 sees everything)
-            assert T == 1 or kv_cache.length == 0, "feed the prompt once, then one token per step"
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, T_total, hs)
-        # causal mask only when queries start at position 0
-        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal=T > 1)
+            k, v, mask = kv_cache.update(self.layer, k, v)  # (B, nh, T_total, hs), (T, T_total) or None
+        # without a mask: causal when the queries are the whole sequence, else (one new token) everything
+        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal=mask is None and T > 1, mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -220,19 +240,19 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         B, T = idx.size()
-        start = kv_cache.length if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        pos = kv_cache.where(T) if kv_cache is not None else slice(0, T)  # the tokens' positions: a slice or (T,)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if self.config.rotary else None
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.config.rotary else None
         if rope is None:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # positions (T,)
+            x = x + self.transformer.wpe.weight[pos]  # position embeddings (T, C)
         x = self.transformer.drop(x)
         x0 = x if self.config.x0_mix else None  # the first block's input, mixed into every block's
         for block in self.transformer.h:
             x = block(x, x0, kv_cache, rope)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         if targets is not None:
             logits = self.softcap(self.lm_head(x))  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -310,40 +330,56 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, stop_token=None,
-                        generators=None):
+                        generators=None, kv_cache=None):
         """
         generate() one step at a time: yields each new (B, 1) token as soon as it is sampled (for streaming).
         generators: one torch.Generator per row, so that a row's text does not depend on what else is in the batch.
+        kv_cache: a KVCache that already holds the tokens before idx (a chat's earlier turns): idx is then only what
+        it lacks, and the cache is continued (it ends holding all but the last token yielded); once it is full, the
+        context is idx's last block_size tokens, run in full. lib/decode.Decoder yields the same tokens faster.
         """
-        kv_cache, done = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        new = idx  # the tokens the cache lacks
+        if kv_cache is None:
+            kv_cache = KVCache(self.config, idx.size(0))
+        cached = True  # until the cache is full
         for _ in range(max_new_tokens):
-            if idx.size(1) <= self.config.block_size:
-                if kv_cache is None:  # first step: run the whole prompt through once
-                    kv_cache = KVCache(self.config, idx.size(0))
-                    logits, _ = self(idx, kv_cache=kv_cache)
-                else:  # later steps: only the newest token
-                    logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
+            cached = cached and kv_cache.length + new.size(1) <= kv_cache.shape[3]
+            if cached:  # the cache takes the new tokens
+                logits, _ = self(new, kv_cache=kv_cache)
             else:  # past block_size the positions shift, so the cropped context is run in full
                 logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()  # (B, vocab_size)
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = -float("inf")
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                if generators is None:
-                    idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
-                else:
-                    rows = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
-                    idx_next = torch.stack(rows)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx_next = draw(next_token_distribution(logits[:, -1, :], temperature, top_k, vocab_limit), generators)
+            idx, new = torch.cat((idx, idx_next), dim=1), idx_next
             yield idx_next
             if stop_token is not None:
                 done |= idx_next.squeeze(1) == stop_token
                 if done.all():
                     break
+
+
+def next_token_distribution(logits, temperature=1.0, top_k=None, vocab_limit=None):
+    """
+    What the next token is drawn from, given the last position's logits (B, V): the probabilities (B, V) after
+    temperature and top_k, or for temperature 0 the greedy token (B, 1) itself. Ids >= vocab_limit get nothing.
+    """
+    logits = logits.float()
+    if vocab_limit is not None:
+        logits[:, vocab_limit:] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return F.softmax(logits, dim=-1)
+
+
+def draw(distribution, generators=None):
+    """The next tokens (B, 1) from next_token_distribution's answer: a greedy token as it is, else one draw per row
+    from the probabilities (from each row's own generator, when given)."""
+    if distribution.dtype == torch.long:  # greedy
+        return distribution
+    if generators is None:
+        return torch.multinomial(distribution, num_samples=1)  # (B, 1)
+    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(distribution, generators)])

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from configurator import configure
 from lib import checkpoint
-from lib.runtime import UserError, install_error_hook, setup
+from lib.decode import Decoder
+from lib.runtime import UserError, install_error_hook, setup, why_not_compile
 from lib.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -43,6 +44,8 @@ progress_delay = 1.0  # seconds before the bar appears, so short samples print w
 seed = 1337
 device = "auto"
 dtype = "auto"
+compile = False  # compile the one-token step (lib/decode.py): several times the tokens/s of a small model, after a
+#                  compile of a few seconds (more on a machine's first run); for long or many samples, and chat
 # -----------------------------------------------------------------------------
 SEPARATOR = "---------------"
 
@@ -77,6 +80,10 @@ def main():
     # the model, and the vocabulary it was trained with
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
     model.to(rt.device)
+    compiled = compile and why_not_compile(rt.device_type) is None
+    if compile and not compiled:
+        print(f"note: --compile=True skipped: torch.compile is {why_not_compile(rt.device_type)}", file=sys.stderr)
+    generate_tokens = Decoder(model, compile=True).generate_tokens if compiled else model.generate_tokens
 
     tok = load_tokenizer(meta, vocab_size=model.config.vocab_size)  # the dataset's characters, or GPT-2 BPE
     decode, token_bytes, eot, valid_vocab = tok.decode, tok.bytes_of, tok.eot, tok.valid_vocab
@@ -100,7 +107,7 @@ def main():
         t0, generated = time.time(), 0
         for first in range(0, num_samples, 1 if stream else batch_size):
             n = 1 if stream else min(batch_size, num_samples - first)
-            tokens = model.generate_tokens(x.expand(n, -1), max_new_tokens, generators=generators(first, n), **options)
+            tokens = generate_tokens(x.expand(n, -1), max_new_tokens, generators=generators(first, n), **options)
             if stream:
                 text = TextStream(token_bytes)
                 sys.stdout.write(text.push(start_ids))
@@ -131,8 +138,8 @@ def main():
         if not interactive:
             seconds = time.time() - t0
             print(f"generated {generated:,} tokens in {seconds:.2f}s: {generated / seconds:,.0f} tokens/s "
-                  f"({'streamed, one sample at a time' if stream else f'batches of up to {batch_size}'})",
-                  file=sys.stderr)
+                  f"({'streamed, one sample at a time' if stream else f'batches of up to {batch_size}'}"
+                  f"{', compiling included' if compiled else ''})", file=sys.stderr)
 
     with torch.no_grad(), rt.autocast:
         if interactive:

@@ -1,7 +1,7 @@
 """
 The machinery the scripts at the repo's root share (train.py, sample.py, chat.py, bench.py, export.py, eval*.py,
-experiments/ and data/*/prepare.py). Nothing here is run directly, except `python -m lib.checkpoint convert` and
-`python -m lib.parallel`.
+bench/, experiments/ and data/*/prepare.py). Nothing here is run directly, except `python -m lib.checkpoint
+convert` and `python -m lib.parallel`.
 
     runtime      device, dtype and autocast, torch.compile, torchrun, peak FLOP/s, one-line errors
     batches      reproducible batches from train.bin / val.bin, and a dataset's metadata
@@ -16,6 +16,7 @@ experiments/ and data/*/prepare.py). Nothing here is run directly, except `pytho
     core_eval    CORE and its tasks: prompts, the three kinds of scoring, the eval bundle
     hellaswag    HellaSwag's validation file, as a task of core_eval
     kernels      two of model.py's ops made fast (RMSNorm's backward, CPU bfloat16 attention)
+    decode       decoding without per-token overhead: a static KV cache and one compiled step per token
     dataset      the dataset format (train.bin, val.bin, meta.json) and its crash-safe writing
     corpus       the corpus pipeline behind data/*/prepare.py: sources, validation split, parallel tokenization
     files        the one atomic writer, the rule for what a script may replace (guard), one lock per folder

@@ -48,22 +48,25 @@ def rms_norm(x):
     return RMSNormFunction.apply(x)
 
 
-def attention(q, k, v, dropout_p, is_causal):
-    """Scaled dot-product attention: flash attention where the device has it. Under bfloat16 autocast on a CPU it is
-    written out instead, in bfloat16: there bfloat16 flash attention (its backward) is ~12x slower than float32's at
-    a small model's shapes, and at those shapes these three batched matmuls beat float32 flash too (GPT-2 recipe at
-    B=12, T=64, 4 heads of 32, torch 2.13: the whole training step 0.89x float32 flash's time)."""
+def attention(q, k, v, dropout_p, is_causal, mask=None):
+    """Scaled dot-product attention: flash attention where the device has it. mask: which keys each query sees, a
+    bool (T, T_k) (a KV cache's). Under bfloat16 autocast on a CPU it is written out instead, in bfloat16: there
+    bfloat16 flash attention (its backward) is ~12x slower than float32's at a small model's shapes, and at those
+    shapes these three batched matmuls beat float32 flash too (GPT-2 recipe at B=12, T=64, 4 heads of 32, torch
+    2.13: the whole training step 0.89x float32 flash's time)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         if dropout_p > 0:  # (flash draws its own dropout mask)
             with torch.autocast("cpu", enabled=False):
                 return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
-                                                      is_causal=is_causal)
+                                                      is_causal=is_causal, attn_mask=mask)
         B, nh, T, hs = q.shape
         q, k, v = q.to(v.dtype).flatten(0, 1), k.to(v.dtype).flatten(0, 1), v.flatten(0, 1)  # (B * nh, T, hs)
-        bias = torch.zeros(T, k.size(1), dtype=v.dtype, device=v.device)  # 0, or -inf above the diagonal if causal
+        bias = torch.zeros(T, k.size(1), dtype=v.dtype, device=v.device)  # 0, or -inf where a key is hidden
         if is_causal:
             bias.masked_fill_(torch.ones_like(bias, dtype=torch.bool).triu(1), float("-inf"))
+        elif mask is not None:
+            bias.masked_fill_(~mask, float("-inf"))
         att = torch.baddbmm(bias, q, k.mT, alpha=hs ** -0.5)  # (B * nh, T, T_k): scaled and masked in one op
         return (att.softmax(dim=-1) @ v).view(B, nh, T, hs)
     q, k = q.to(v.dtype), k.to(v.dtype)  # RMS-normed queries and keys are float32 under autocast (rms_norm)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, attn_mask=mask)

@@ -54,7 +54,8 @@ def wrap(gpt, rt, parallelism="ddp", compile=False, activation_checkpointing=Fal
 
     if parallelism not in ("ddp", "fsdp"):
         raise UserError(f"unknown parallelism '{parallelism}': use ddp or fsdp")
-    fsdp = parallelism == "fsdp" and rt.world_size > 1
+    # FSDP needs a process group: torchrun's, or one a 1-GPU check of this path made (bench/gpu_check.py)
+    fsdp = parallelism == "fsdp" and (rt.world_size > 1 or torch.distributed.is_initialized())
     if fsdp and rt.dtype == "float16":
         raise UserError("--parallelism=fsdp trains in float32 or bfloat16 (float16 would need a sharded grad "
                         "scaler): use --dtype=bfloat16")

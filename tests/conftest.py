@@ -16,8 +16,26 @@ TINY = ["--device=cpu", "--dtype=float32", "--compile=False", "--n_layer=2", "--
         "--learning_rate=1e-3", "--min_lr=1e-4"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where the tests of device code run (the `device` fixture, tests/test_device.py): cpu "
+                          "(the default), cuda, cuda:N or mps")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """--device: the device the tests of device code run on (cpu unless given)."""
+    import torch
+
+    name = request.config.getoption("--device")
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise pytest.UsageError(f"--device={name}, but PyTorch sees no such device here")
+    return name
 
 
 def shakespeare_path():
