@@ -100,8 +100,6 @@ def main():
     global rt
     install_error_hook()
     configure(globals(), sys.argv[1:])
-    if clock not in ("wall", "cpu"):
-        raise UserError(f"--clock={clock}: use wall or cpu")
     rt = setup(device, dtype)
     compiled = compile and why_not_compile(rt.device_type) is None
     print(f"| model | batch | new tokens | model.generate_tokens | Decoder, compiled (compile s) | transformers | "

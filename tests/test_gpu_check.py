@@ -23,5 +23,6 @@ def test_dry_run_on_the_cpu_fills_every_row(char_data):
 
 def test_an_unknown_row_is_one_line():
     out = run("bench/gpu_check.py", "--device=cpu", "--only=gpt2,nonsense", check=False)
-    assert out.returncode == 1 and out.stderr.strip() == \
-        "error: --only: unknown rows nonsense (rows: tests, preset, gpt2, float16, fsdp, sample)"
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "error: only='gpt2,nonsense' cannot work: only must be '' (every row) or a comma-separated list of tests, "
+        "preset, gpt2, float16, fsdp and sample")

@@ -48,6 +48,8 @@ SCRIPTS = {
     "data/chat/prepare.py": (["--data_files={tmp}/none", "--out_dir={tmp}/out"],
                              CORPUS_FREE - {"text_field"} | {"messages_field", "tokenizer"}),
     "data/chat/synthetic.py": (["--out={tmp}/out", "--words_from={tmp}/none.txt"], {"out", "words_from"}),
+    "bench/decode.py": (["--device=mps"], {"ckpt_dir"}),
+    "bench/gpu_check.py": (["--device=mps"], {"input", "dataset", "check"}),
 }
 
 
