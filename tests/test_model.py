@@ -198,12 +198,14 @@ def test_cpu_compiled_training_matches_eager_and_repeats_bit_for_bit():
         return loss.detach(), {n: p.grad.clone() for n, p in gpt.named_parameters()}
 
     eager_loss, eager_grads = loss_and_grads(gpt)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # parallel threads, as the preset has (the tests run with one)
     try:
         compiled = compile_model(gpt, "cpu")
         runs = [loss_and_grads(compiled) for _ in range(6)]
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
         torch._dynamo.reset()
     loss, grads = runs[0]
     assert abs(loss.item() - eager_loss.item()) < 1e-2, (loss, eager_loss)
