@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, popen, run
 from lib import checkpoint
 
 
 def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return popen("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1"})
 
 
 def rank_pid(parent, rank, timeout=60):
@@ -84,8 +83,7 @@ STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_las
 
 
 def single(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return run("train.py", *args, timeout=300, check=False, env={"OMP_NUM_THREADS": "1"})
 
 
 def finished(proc):
@@ -217,12 +215,10 @@ def free_port():
 def test_two_nodes_match_one_process(reference, char_data, tmp_path):
     """Two torchrun launches, one process each, meeting at a c10d rendezvous on 127.0.0.1 as two nodes would."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=test", "train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}",
-                               *STEPS, "--gradient_accumulation_steps=2"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    procs = [popen("-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", "train.py", *TINY,
+                   f"--dataset={char_data}", f"--out_dir={tmp_path}", *STEPS, "--gradient_accumulation_steps=2",
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1"})
              for node in (0, 1)]
     outs = [finished(p) for p in procs]
     out = next(o for o in outs if "iter 8:" in o)  # the node that got rank 0 prints
@@ -265,8 +261,7 @@ def sharded_run(char_data, tmp_path_factory):
 
 def convert(*args):
     """python -m lib.checkpoint convert SRC DST: one process, no torch.distributed."""
-    return subprocess.run([sys.executable, "-m", "lib.checkpoint", "convert", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run("-m", "lib.checkpoint", "convert", *args, timeout=300, check=False)
 
 
 def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_path):

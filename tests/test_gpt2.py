@@ -20,10 +20,6 @@ from lib.batches import load_meta
 from lib.runtime import UserError
 from model import GPT, GPTConfig
 
-SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(SHARED_TIKTOKEN)  # tiktoken's gpt2 files, offline
-
 GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
 TOL = 1e-5  # float32 parity of our GPT and transformers' GPT2LMHeadModel
 
@@ -134,6 +130,7 @@ def test_load_rejects_a_folder_with_missing_weights(tmp_path):
         checkpoint.load_pretrained(str(tmp_path))
 
 
+@pytest.mark.gpt2_bpe
 def test_sample_from_hf_folder(gpt2_vocab_folder):
     proc = run("sample.py", f"--init_from={gpt2_vocab_folder}", "--device=cpu", "--num_samples=2",
                "--max_new_tokens=12", "--start=ROMEO:", "--seed=1")
@@ -155,6 +152,7 @@ def test_hub_name_offline_says_pass_a_local_folder(tmp_path):
 
 # ----------------------------------------------------------------------------- GPT-2 BPE data, finetuning
 
+@pytest.mark.gpt2_bpe
 def test_bpe_prepare_counts_and_round_trip(bpe_data, shakespeare_input):
     import tiktoken
 
@@ -187,6 +185,7 @@ def test_configs_load_through_train_py():
     assert (ft["batch_size"], ft["gradient_accumulation_steps"], ft["max_iters"]) == (1, 32, 20)
 
 
+@pytest.mark.gpt2_bpe
 def test_finetune_from_hf_folder_crops_and_resumes(gpt2_vocab_folder, bpe_data, tmp_path):
     data, _ = bpe_data
     common = ["config/finetune_shakespeare.py", f"--dataset={data}", f"--out_dir={tmp_path}", "--device=cpu",
@@ -245,6 +244,7 @@ def padded_bpe_checkpoint(out_dir, meta):
     return model
 
 
+@pytest.mark.gpt2_bpe
 @pytest.mark.parametrize("meta", [GPT2_META, {}], ids=["gpt2-meta", "no-meta"])
 def test_export_padded_bpe_checkpoint(monkeypatch, tmp_path, meta):
     import tiktoken
@@ -264,6 +264,7 @@ def test_export_padded_bpe_checkpoint(monkeypatch, tmp_path, meta):
     assert tok.eos_token_id == hf.config.eos_token_id == 50256
 
 
+@pytest.mark.gpt2_bpe
 @pytest.mark.parametrize("edit, message", [
     ("model_args", "model_args"),
     ("extra_weight", "cannot hold: transformer.h.0.attn.q_norm.weight"),
@@ -294,6 +295,7 @@ def test_export_rejects_what_gpt2_cannot_hold(monkeypatch, tmp_path, edit, messa
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
+@pytest.mark.gpt2_bpe
 def test_export_error_is_one_line(tmp_path):
     padded_bpe_checkpoint(tmp_path, GPT2_META)
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
