@@ -29,6 +29,7 @@ Helpers
 import atexit
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,7 @@ TINY_STEPS = 4  # char_run's length
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~10 s (deselect with -m 'not slow')")
     config.addinivalue_line("markers", "gpt2_bpe: needs tiktoken's GPT-2 BPE files (skips where they cannot be had)")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist --dist=loadgroup runs a group on one worker")
 
 
 @functools.cache
@@ -106,6 +108,11 @@ def fork_server():
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         if proc.stdout.readline() != b"ready\n":
             raise RuntimeError(f"the fork server did not start (exit code {proc.wait()})")
+        python = os.path.join(os.path.dirname(path), "python")  # a `python` that runs its command through the server
+        with open(python, "w") as f:
+            command = [sys.executable, os.path.join(REPO, "tests", "forkserver.py"), "--relay", path]
+            f.write(f"#!/bin/sh\nexec {shlex.join(command)} \"$@\"\n")
+        os.chmod(python, 0o755)
         _server.append((proc, path))
         atexit.register(lambda: (proc.stdin.close(), proc.wait(), shutil.rmtree(os.path.dirname(path))))
     return _server[0][1]
@@ -113,9 +120,12 @@ def fork_server():
 
 def popen(*command, env=None, **kwargs):
     """subprocess.Popen of `python *command` (a repo script and its arguments, "-c" code, or "-m" module) from the repo
-    root, unbuffered, with `env` on top of this environment. Through the fork server: the same process, fast."""
-    return ScriptPopen(list(command), fork_server(), cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                       **kwargs)
+    root, unbuffered, with `env` on top of this environment. Through the fork server: the same process, fast; and
+    torchrun, which starts its workers with $PYTHON_EXEC, starts them through it too."""
+    server = fork_server()
+    relay = {"PYTHON_EXEC": os.path.join(os.path.dirname(server), "python")} if server else {}
+    return ScriptPopen(list(command), server, cwd=REPO,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", **relay, **(env or {})}, **kwargs)
 
 
 def run(script, *args, env=None, timeout=600, check=True, input=None):

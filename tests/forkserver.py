@@ -5,6 +5,9 @@ run costs. This server imports them once; then for each command it forks a child
 
     python forkserver.py SOCKET       # the server (conftest starts one per pytest process)
     ScriptPopen(["train.py", ...])    # in a test: a subprocess.Popen of `python train.py ...`
+    python forkserver.py --relay SOCKET -u train.py ...   # a `python` for other programs to start (torchrun's
+                                      # PYTHON_EXEC): it hands its command to the server, passes signals on to the
+                                      # child and exits as the child exits; if it is killed, so is the child
 
 The child is a process of its own, as a fresh `python` would be: its own pid (signals and SIGKILL reach it), argv,
 environment, working directory, stdin/stdout/stderr (passed over the Unix socket), __main__, exit code, and
@@ -88,6 +91,27 @@ class ScriptPopen(subprocess.Popen):
         return self.returncode
 
 
+def relay(server, argv):
+    """Be `python *argv`, run by the server: this process's stdin/stdout/stderr, environment and directory are the
+    child's; the signals this process gets go on to the child; it exits as the child exits."""
+    env = dict(os.environ)
+    if argv[:1] == ["-u"]:  # (torchrun starts `python -u script`)
+        argv, env["PYTHONUNBUFFERED"] = argv[1:], "1"
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(server)
+    socket.send_fds(conn, [json.dumps({"argv": argv, "cwd": os.getcwd(), "env": env}).encode() + b"\n"], [0, 1, 2])
+    reply = conn.makefile("rb")
+    pid = int(reply.readline())
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, _: os.kill(pid, signum))
+    status = reply.read()
+    code = os.waitstatus_to_exitcode(int(status)) if status else -signal.SIGKILL
+    if code < 0:  # killed by a signal: so is this process
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
 # ----------------------------------------------------------------------------- the server
 
 def serve(path):
@@ -99,14 +123,19 @@ def serve(path):
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    children = {}  # pid -> the connection its exit status goes to
+    children, killed = {}, set()  # pid -> the connection its exit status goes to; pids whose client is gone
     print("ready", flush=True)
     while True:
-        ready = select.select([listener, wake_r, sys.stdin], [], [])[0]
+        watched = [conn for pid, conn in children.items() if pid not in killed]
+        ready = select.select([listener, wake_r, sys.stdin, *watched], [], [])[0]
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
             sys.exit(0)  # the tests are over (or their process died)
         if wake_r in ready:
             os.read(wake_r, 1024)
+        for pid, conn in children.items():
+            if conn in ready:  # the client closed its end (it died, or dropped the process): end the child too
+                os.kill(pid, signal.SIGKILL)  # (not reaped yet: the pid is still this child's)
+                killed.add(pid)
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -115,6 +144,7 @@ def serve(path):
             if pid == 0:
                 break
             conn = children.pop(pid)
+            killed.discard(pid)
             try:
                 conn.sendall(str(status).encode())
             except OSError:
@@ -191,7 +221,9 @@ def become(request, fds):
         return compile(f.read(), path, "exec"), path
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1] == "--relay":
+    relay(sys.argv[2], sys.argv[3:])
+elif __name__ == "__main__":
     sys.path.pop(0)  # this file's folder: a child's path starts with its own script's
     ORIGINAL_PATH = list(sys.path)
     import gc

@@ -6,6 +6,8 @@ import math
 import os
 import re
 
+import pytest
+
 from conftest import run
 from lib.runtime import pick_dtype, why_not_compile
 
@@ -49,10 +51,13 @@ def test_synthetic_data_with_accumulation():
     assert final < first - 0.2, out  # the Zipf-distributed tokens are learnable: it trains
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # after (or before) test_model's compile of the same kernels, on the same worker
 def test_no_config_on_a_cpu_times_the_cpu_preset_as_it_trains(char_data):
     """The CPU preset's shapes, batch, data and torch.compile, as train.py would run them (fewer steps). Naming the
     config (bench.py config/train_shakespeare_char_cpu.py) reads the same file, as the first line says."""
-    proc = run("bench.py", f"--dataset={char_data}", "--warmup_steps=1", "--num_steps=2")
+    # on 2 threads, as test_model's compile test: the same kernels, compiled once (Inductor caches them on disk)
+    proc = run("bench.py", f"--dataset={char_data}", "--warmup_steps=1", "--num_steps=2", env={"OMP_NUM_THREADS": "2"})
     out = proc.stdout
     assert "no config given and no GPU: timing config/train_shakespeare_char_cpu.py" in out
     assert f"0.79M parameters | cpu {AUTO} | compile {PRESET_COMPILE} | 768 tokens per iteration" in out, out  # 12 x 64 x 1

@@ -7,8 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, TINY, popen, run
 from lib import checkpoint
+
+pytestmark = pytest.mark.xdist_group("distributed")  # one pytest-xdist worker: the module fixtures train once
 
 
 def torchrun(*args):
@@ -76,7 +80,6 @@ def test_resume_under_torchrun_is_exact(char_data, tmp_path):
 import shutil  # noqa: E402
 import socket  # noqa: E402
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_last_n=2", "--dropout=0.1"]
