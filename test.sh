@@ -2,8 +2,8 @@
 # Set up and run the tests: bash test.sh [pytest args], e.g. bash test.sh -x -k resume, or bash test.sh -m "not slow"
 #
 # Makes .venv (python3 -m venv; set PYTHON=python3.11 to pick another interpreter), installs requirements.txt
-# into it and runs `python -m pytest -q -n auto tests` (pytest-xdist: one worker per core, at most 8; -n 0 runs in
-# this one process). Nothing beside the repo is needed: the text the tests train on is in tests/. GPT-2's BPE files
+# into it and runs `python -m pytest -q -n auto --dist=loadgroup tests` (pytest-xdist: one worker per core, at most 8;
+# -n 0 runs in this one process). Nothing beside the repo is needed: the text the tests train on is in tests/. GPT-2's BPE files
 # come from $TIKTOKEN_CACHE_DIR, else ../shared/tiktoken_cache, else tiktoken downloads them once; offline without
 # them the tests that need them skip, saying so. TINY_SHAKESPEARE=path/to/input.txt runs the tests on that text.
 set -euo pipefail
@@ -27,5 +27,5 @@ if [[ -z "${TIKTOKEN_CACHE_DIR:-}" && -d "$shared/tiktoken_cache" ]]; then
     export TIKTOKEN_CACHE_DIR="$shared/tiktoken_cache"
 fi
 
-echo "== python -m pytest -q -n auto --maxprocesses=8 tests $*"
-exec .venv/bin/python -m pytest -q -n auto --maxprocesses=8 tests "$@"
+echo "== python -m pytest -q -n auto --maxprocesses=8 --dist=loadgroup tests $*"
+exec .venv/bin/python -m pytest -q -n auto --maxprocesses=8 --dist=loadgroup tests "$@"
