@@ -1,7 +1,7 @@
 """
-Shared fixtures: the repo's scripts run as a user runs them (subprocesses), on small real data. The suite needs
-nothing beside the repo and no network: the text is committed here, and the tests that need GPT-2's BPE files skip
-(one reason line each) where tiktoken has not cached them and cannot download them.
+Shared fixtures: the repo's scripts run as a user runs them (processes of their own), on small real data. The suite
+needs nothing beside the repo and no network: the text is committed here, and the tests that need GPT-2's BPE files
+skip (one reason line each) where tiktoken has not cached them and cannot download them.
 
 The text
     shakespeare_input   the path of a text file: $TINY_SHAKESPEARE when set (the whole tiny Shakespeare), else
@@ -17,13 +17,25 @@ Prepared once per session and shared (read-only: copy what you change, e.g. with
                         loss.png. Use it to sample, export, resume (in a copy) or break a checkpoint instead of
                         training one more model.
 
-Helpers
+Running scripts
+    run(script, *args)  `python script args` from the repo root, as a user runs it: a CompletedProcess (text);
+                        check=False to look at a failure, input= for its stdin, env= on top of this environment.
+                        script may also be "-c", code or "-m", module.
+    popen(script, *args, **popen_kwargs)   the same as a subprocess.Popen, for a process to signal, kill or read
+                        as it runs.
+                        Both start the process through tests/forkserver.py, which has torch imported: a tiny
+                        training run costs ~0.5 s of CPU instead of ~4 s (TESTS_FORK_SERVER=0: new interpreters).
+                        torchrun under popen starts its workers that way too. A test that measures a process's own
+                        memory or page faults starts a new interpreter (subprocess with sys.executable) instead.
     TINY                the settings of a training run that takes seconds on a 2-core CPU
-    run(script, *args)  a repo script run as a user runs it, from the repo root; check=False to look at failures
     copy_run(src, dst)  a copy of an out_dir (or any folder) that a test may change
+
+Markers
     @pytest.mark.gpt2_bpe   the test needs tiktoken's GPT-2 BPE files: it skips, saying why, where they cannot be
                         had (TIKTOKEN_CACHE_DIR is set to ../shared/tiktoken_cache when that exists and it is unset)
     @pytest.mark.slow   takes more than ~10 s: `bash test.sh -m "not slow"` leaves it out
+    @pytest.mark.xdist_group(name)  test.sh runs the tests on every core (pytest-xdist, --dist=loadgroup); tests of
+                        one group run on one worker, e.g. those that share an expensive module fixture
 """
 
 import atexit
@@ -90,9 +102,11 @@ def gpt2_bpe_missing(timeout=60):
             f"to a tiktoken cache that holds them")
 
 
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("gpt2_bpe") and gpt2_bpe_missing():
-        pytest.skip(gpt2_bpe_missing())
+def pytest_collection_modifyitems(config, items):
+    needs_bpe = [item for item in items if item.get_closest_marker("gpt2_bpe")]
+    if needs_bpe and gpt2_bpe_missing():
+        for item in needs_bpe:
+            item.add_marker(pytest.mark.skip(reason=gpt2_bpe_missing()))
 
 
 _server = []  # (process, socket path) of this process's fork server, once started
