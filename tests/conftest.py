@@ -113,8 +113,9 @@ _server = []  # (process, socket path) of this process's fork server, once start
 
 
 def fork_server():
-    """The socket of this process's fork server (forkserver.py), started on first use; None with TESTS_FORK_SERVER=0."""
-    if os.environ.get("TESTS_FORK_SERVER", "1") == "0":
+    """The socket of this process's fork server (forkserver.py), started on first use; None with TESTS_FORK_SERVER=0,
+    and by default where the OS is not Linux (macOS's system libraries are not safe to use in a forked child)."""
+    if os.environ.get("TESTS_FORK_SERVER", "1" if sys.platform.startswith("linux") else "0") == "0":
         return None
     if not _server:
         path = os.path.join(tempfile.mkdtemp(prefix="forkserver-"), "socket")

@@ -183,6 +183,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
 
+@pytest.mark.slow
 def test_cpu_training_steps_reuse_freed_memory(char_data):
     """After runtime.setup on a CPU, a training step gets its activations' memory from the steps before it, not as
     fresh pages from the kernel (glibc's default there: hundreds of page faults per step at the CPU preset's shapes)."""

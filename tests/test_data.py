@@ -96,6 +96,7 @@ def write_corpus(kind, folder, docs):
 
 @pytest.mark.gpt2_bpe
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+@pytest.mark.slow
 def test_gpt2_tokens_are_each_document_then_eot_in_order(kind, hf_env, tmp_path):
     docs = corpus(n=300 if kind == "txt" else 1500)  # several batches of 512 documents
     paths, options = write_corpus(kind, tmp_path / "src", docs)
@@ -117,6 +118,7 @@ def test_gpt2_tokens_are_each_document_then_eot_in_order(kind, hf_env, tmp_path)
 
 
 @pytest.mark.gpt2_bpe
+@pytest.mark.slow
 def test_txt_split_by_paragraph_and_line_and_char_tokens(hf_env, tmp_path):
     text = "First paragraph,\nstill first.\n\nSecond 🙂 one.\n\n\nThird.\n\n" * 40
     src = tmp_path / "book.txt"
@@ -139,6 +141,7 @@ def test_txt_split_by_paragraph_and_line_and_char_tokens(hf_env, tmp_path):
     assert plain["stoi"] == {c: i for i, c in enumerate(chars)}
 
 
+@pytest.mark.slow
 def test_uint32_character_vocabulary_trains_and_samples(hf_env, tmp_path):
     points = [c for c in range(0x21, 0x21 + 73_000) if not 0xD800 <= c < 0xE000][:70_000]  # no surrogates
     rng = random.Random(0)
@@ -189,6 +192,7 @@ def snapshot(out):
 
 
 @pytest.mark.gpt2_bpe
+@pytest.mark.slow
 def test_interrupted_or_failed_prepare_leaves_the_old_dataset(hf_env, tmp_path):
     big = tmp_path / "big.jsonl"
     big_corpus(big)
@@ -230,6 +234,7 @@ def test_interrupted_or_failed_prepare_leaves_the_old_dataset(hf_env, tmp_path):
     assert snapshot(out) == before and [n for n in os.listdir(out) if n.startswith(".prepare-")] == []
 
 
+@pytest.mark.slow
 def test_bad_sources_fail_in_one_line(hf_env, tmp_path):
     def fails(*args, message):
         proc = prepare(hf_env, *args, f"--out={tmp_path / 'out'}", check=False)
@@ -268,6 +273,7 @@ def fails(proc, *fragments):
 
 
 @pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_resume_refuses_another_tokenizer(bpe_and_char, tmp_path):
     out = tmp_path / "out"
     train = lambda data, *a: run("train.py", *TINY, f"--dataset={data}", f"--out_dir={out}", *a, check=False)  # noqa
@@ -278,6 +284,7 @@ def test_resume_refuses_another_tokenizer(bpe_and_char, tmp_path):
 
 
 @pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_bins_that_disagree_with_their_metadata_are_refused(bpe_and_char, tmp_path):
     train = lambda data: run("train.py", *TINY, f"--dataset={data}", f"--out_dir={tmp_path / 'o'}",  # noqa
                              "--max_iters=1", check=False)
@@ -301,6 +308,7 @@ def test_bins_that_disagree_with_their_metadata_are_refused(bpe_and_char, tmp_pa
 
 
 @pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_folder_without_metadata_is_gpt2_only_if_its_ids_fit(bpe_and_char, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()

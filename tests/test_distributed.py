@@ -35,6 +35,7 @@ def rank_pid(parent, rank, timeout=60):
     raise AssertionError(f"no worker with RANK={rank}")
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(char_data, tmp_path):
     proc = torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}", "--max_iters=100000",
                     "--eval_interval=1000", "--gradient_accumulation_steps=2", "--lr_decay_iters=1000")
@@ -53,6 +54,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(char_data, tmp_pa
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["iter_num"] == int(stops[0]) >= 5
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_is_exact(char_data, tmp_path):
     """Two ranks, 0 -> 8 in one go equals 0 -> 4 -> 8: every rank's batches and dropout come back."""
     common = [*TINY, f"--dataset={char_data}", "--dropout=0.2", "--gradient_accumulation_steps=2",
@@ -130,6 +132,7 @@ def fsdp_run(char_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
+@pytest.mark.slow
 def test_fsdp_on_2_ranks_matches_one_process(reference, fsdp_run, char_data, tmp_path, activation_checkpointing):
     if activation_checkpointing:
         out_dir = str(tmp_path)
@@ -146,6 +149,7 @@ def test_fsdp_on_2_ranks_matches_one_process(reference, fsdp_run, char_data, tmp
     assert error < 1e-5
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_across_world_sizes(reference, fsdp_run, char_data, tmp_path):
     """Saved by FSDP on 2 ranks at step 4 -> resumed in one process, and the other way round: both continue with
     the losses and weights of the uninterrupted run."""
@@ -179,6 +183,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_same_loss_and_grads_less_memory():
     from lib import parallel
     from model import GPT, GPTConfig
@@ -215,6 +220,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process(reference, char_data, tmp_path):
     """Two torchrun launches, one process each, meeting at a c10d rendezvous on 127.0.0.1 as two nodes would."""
     port = free_port()
@@ -233,6 +239,7 @@ def test_two_nodes_match_one_process(reference, char_data, tmp_path):
     assert error < 1e-5
 
 
+@pytest.mark.slow
 def test_total_batch_size_fixes_the_tokens_per_step_whatever_the_world_size(reference, char_data, tmp_path):
     from lib import parallel
     from lib.runtime import UserError
@@ -267,6 +274,7 @@ def convert(*args):
     return run("-m", "lib.checkpoint", "convert", *args, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_path):
     """Converted in one process, the shards of 2 ranks are, bit for bit, the ckpt.pt that the full format writes."""
     out_dir, out = sharded_run
@@ -296,6 +304,7 @@ def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items()) and meta["vocab_size"] == 65
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_at_any_world_size(reference, sharded_run, char_data, tmp_path):
     """ckpt.dcp of step 4 (2 FSDP ranks) resumed by 2 FSDP ranks, and by one process, which saves ckpt.pt (the
     default format) next to it: both continue with the losses and weights of the uninterrupted run."""

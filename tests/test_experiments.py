@@ -96,6 +96,7 @@ def test_power_law_fit_recovers_constants():
     assert scaling.fit_power_law(N, noisy)[1] == pytest.approx(alpha, rel=0.1)
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(char_data, tmp_path):
     args = [a for a in TINY if not a.startswith(("--n_layer", "--n_head", "--n_embd", "--warmup"))]
     proc = run("experiments/scaling_sweep.py", f"--dataset={char_data}", "--aspect=8", "--depths=1,2,3",
@@ -138,6 +139,7 @@ def test_own_tokenizer_round_trips(bpe_data):
     assert tok.eot is not None and tok.token_bytes(512)[tok.eot] == 0 and tok.token_bytes(512)[400:].sum() == 0
 
 
+@pytest.mark.slow
 def test_model_on_own_tokenizer_samples_and_exports(bpe_data, char_data, tmp_path):
     out = tmp_path / "out"
     proc = train(bpe_data, out, "--max_iters=20", "--eval_interval=10")
@@ -202,6 +204,7 @@ def test_progressive_unfreezing_schedule():
     assert {g["weight_decay"] for g in optimizer.param_groups[-2:]} == {0.1, 0.0}  # matrices decay, the rest not
 
 
+@pytest.mark.slow
 def test_progressive_unfreezing_in_train_and_exact_resume(char_data, tmp_path):
     common = ["--freeze_layers=2", "--unfreeze_every=3", "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=10"]
     whole = train(char_data, tmp_path / "whole", *common, "--max_iters=10").stdout

@@ -49,6 +49,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_saves_and_resumes_exactly(char_data, tmp_path, sig):
     common = [*TINY, f"--dataset={char_data}", "--dropout=0.1", "--eval_interval=1000", "--lr_decay_iters=1000"]
     proc = popen("train.py", *common, f"--out_dir={tmp_path / 'run'}", "--max_iters=1000", stdout=subprocess.PIPE,
@@ -138,6 +139,7 @@ def make_dataset(path, tokens, vocab_size=65, **meta):
     return str(path)
 
 
+@pytest.mark.slow
 def test_data_errors(tmp_path, char_run):
     train = lambda *a: run("train.py", *TINY, "--max_iters=2", f"--out_dir={tmp_path / 'o'}", *a, check=False)  # noqa
     fails(train("--dataset=no_such_dataset"), "no dataset at", "shakespeare_char")
@@ -157,6 +159,7 @@ def test_data_errors(tmp_path, char_run):
           "vocabulary of 100 tokens but the model only 65")
 
 
+@pytest.mark.slow
 def test_checkpoint_errors(char_data, tmp_path, char_run):
     train = lambda out, *a: run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=8",  # noqa
                                 *a, check=False)

@@ -186,6 +186,7 @@ def test_configs_load_through_train_py():
 
 
 @pytest.mark.gpt2_bpe
+@pytest.mark.slow
 def test_finetune_from_hf_folder_crops_and_resumes(gpt2_vocab_folder, bpe_data, tmp_path):
     data, _ = bpe_data
     common = ["config/finetune_shakespeare.py", f"--dataset={data}", f"--out_dir={tmp_path}", "--device=cpu",

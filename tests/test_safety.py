@@ -33,6 +33,7 @@ def no_temp_files(folder):
 
 # ----------------------------------------------------------------------------- 1. a new run never replaces a trained one
 
+@pytest.mark.slow
 def test_a_scratch_run_does_not_replace_a_trained_model(char_data, char_run, tmp_path):
     copy_run(char_run, tmp_path)  # trained 4 steps, saved every 2
     before = pt_bytes(tmp_path)
@@ -69,6 +70,7 @@ def start_training(char_data, out_dir, *args):
     raise AssertionError(proc.stderr.read())
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_lock(char_data, tmp_path):
     first = start_training(char_data, tmp_path)
     try:
@@ -203,6 +205,7 @@ def best_weights(out_dir):
     return state["iter_num"], state["model"]
 
 
+@pytest.mark.slow
 def test_a_kill_between_best_and_latest_keeps_the_best_model(char_data, tmp_path):
     common = ["--eval_interval=2", "--max_iters=8", "--lr_decay_iters=8", "--always_save_checkpoint=False"]
     whole = train(char_data, tmp_path / "whole", *common)
@@ -219,6 +222,7 @@ def test_a_kill_between_best_and_latest_keeps_the_best_model(char_data, tmp_path
     assert it_a == it_b and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_repairs_a_best_pt_left_behind(char_data, tmp_path):
     """Files as an older version could leave them: ckpt.pt records a best val loss that best.pt does not hold."""
     args = ["--eval_interval=2", "--lr_decay_iters=100", "--always_save_checkpoint=False"]
@@ -252,6 +256,7 @@ def test_values_that_cannot_work_are_refused_naming_the_setting(bad):
         configure(dict(defaults), [f"--{bad}"])
 
 
+@pytest.mark.slow
 def test_bad_values_are_one_line_before_training(char_data, tmp_path):
     """Through the real scripts: exit 1, one error line, nothing trained or written."""
     out = f"--out_dir={tmp_path / 'out'}"
@@ -295,6 +300,7 @@ def as_nanogpt(state):
                 best_val_loss=torch.tensor(state["best_val_loss"]), config=dict(state["config"], backend="nccl"))
 
 
+@pytest.mark.slow
 def test_a_nanogpt_checkpoint_samples_resumes_and_exports(char_data, char_run, tmp_path, monkeypatch):
     ours = checkpoint.load(str(char_run / "ckpt.pt"))  # trained 4 steps
     nano = tmp_path / "nano"

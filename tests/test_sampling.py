@@ -238,6 +238,7 @@ def test_progress_bar_on_a_terminal_only(char_ckpt):
     assert "sample 1/2" not in shown and out == piped.stdout
 
 
+@pytest.mark.slow
 def test_batched_sampling_gives_the_same_text_as_one_at_a_time(char_ckpt):
     """Each sample draws from its own generator, so batching (or streaming) changes the speed, not the text."""
     args = ["--device=cpu", f"--out_dir={char_ckpt}", "--num_samples=3", "--max_new_tokens=30", "--start=ROMEO:"]

@@ -30,6 +30,7 @@ def run40(char_data, tmp_path_factory):
     return out, train(char_data, out, "--max_iters=40", "--eval_interval=10", "--always_save_checkpoint=False").stdout
 
 
+@pytest.mark.slow
 def test_train_then_sample(run40):
     out, stdout = run40
     vals = val_losses(stdout)
@@ -51,6 +52,7 @@ def test_train_then_sample(run40):
     assert greedy[0] == greedy[1]  # temperature 0 is greedy: every sample is the same
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_even_when_interrupted_twice(char_data, tmp_path):
     """0 -> 12 in one go equals 0 -> 4 -> 8 -> 12 with resumes, with dropout on (so RNG matters)."""
     common = ["--dropout=0.2", "--gradient_accumulation_steps=2", "--eval_interval=4", "--lr_decay_iters=12"]
@@ -69,6 +71,7 @@ def test_resume_is_bit_exact_even_when_interrupted_twice(char_data, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_target_val_loss_stops_and_saves_at_the_first_eval_that_reaches_it(char_data, run40, tmp_path):
     full = run40[1]  # the same run without a target
     vals = val_losses(full)
