@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Set up and run the tests: bash test.sh [pytest args], e.g. bash test.sh -x -k resume
+# Set up and run the tests: bash test.sh [pytest args], e.g. bash test.sh -x -k resume, or bash test.sh -m "not slow"
 #
 # Makes .venv (python3 -m venv; set PYTHON=python3.11 to pick another interpreter), installs requirements.txt
-# into it and runs `python -m pytest -q tests`. Uses ../shared's tiktoken cache and tiny Shakespeare when they
-# are there and TIKTOKEN_CACHE_DIR / TINY_SHAKESPEARE are not set; tests that need the text skip without it.
+# into it and runs `python -m pytest -q -n auto --dist=loadgroup tests` (pytest-xdist: one worker per core, at most 8;
+# -n 0 runs in this one process). Nothing beside the repo is needed: the text the tests train on is in tests/. GPT-2's BPE files
+# come from $TIKTOKEN_CACHE_DIR, else ../shared/tiktoken_cache, else tiktoken downloads them once; offline without
+# them the tests that need them skip, saying so. TINY_SHAKESPEARE=path/to/input.txt runs the tests on that text.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -24,9 +26,6 @@ shared="$(dirname "$(pwd)")/shared"
 if [[ -z "${TIKTOKEN_CACHE_DIR:-}" && -d "$shared/tiktoken_cache" ]]; then
     export TIKTOKEN_CACHE_DIR="$shared/tiktoken_cache"
 fi
-if [[ -z "${TINY_SHAKESPEARE:-}" && -f "$shared/data/tinyshakespeare/input.txt" ]]; then
-    export TINY_SHAKESPEARE="$shared/data/tinyshakespeare/input.txt"
-fi
 
-echo "== python -m pytest -q tests $*"
-exec .venv/bin/python -m pytest -q tests "$@"
+echo "== python -m pytest -q -n auto --maxprocesses=8 --dist=loadgroup tests $*"
+exec .venv/bin/python -m pytest -q -n auto --maxprocesses=8 --dist=loadgroup tests "$@"

@@ -10,7 +10,6 @@ import random
 import runpy
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -19,12 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, popen, run
 from lib.batches import Batches, load_meta
-
-SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(SHARED_TIKTOKEN)  # tiktoken's gpt2 files, offline
 
 EOT = 50256
 WORDS = ("the a of to and in that is was he for it with as his on be at by I had not are but from or have an they "
@@ -99,7 +94,9 @@ def write_corpus(kind, folder, docs):
 
 # ----------------------------------------------------------------------------- tokens
 
+@pytest.mark.gpt2_bpe
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+@pytest.mark.slow
 def test_gpt2_tokens_are_each_document_then_eot_in_order(kind, hf_env, tmp_path):
     docs = corpus(n=300 if kind == "txt" else 1500)  # several batches of 512 documents
     paths, options = write_corpus(kind, tmp_path / "src", docs)
@@ -120,6 +117,8 @@ def test_gpt2_tokens_are_each_document_then_eot_in_order(kind, hf_env, tmp_path)
         assert (out1 / name).read_bytes() == (out2 / name).read_bytes()
 
 
+@pytest.mark.gpt2_bpe
+@pytest.mark.slow
 def test_txt_split_by_paragraph_and_line_and_char_tokens(hf_env, tmp_path):
     text = "First paragraph,\nstill first.\n\nSecond 🙂 one.\n\n\nThird.\n\n" * 40
     src = tmp_path / "book.txt"
@@ -142,6 +141,7 @@ def test_txt_split_by_paragraph_and_line_and_char_tokens(hf_env, tmp_path):
     assert plain["stoi"] == {c: i for i, c in enumerate(chars)}
 
 
+@pytest.mark.slow
 def test_uint32_character_vocabulary_trains_and_samples(hf_env, tmp_path):
     points = [c for c in range(0x21, 0x21 + 73_000) if not 0xD800 <= c < 0xE000][:70_000]  # no surrogates
     rng = random.Random(0)
@@ -184,15 +184,15 @@ def wait_for_temp_bin(proc, out, timeout=120):
 
 
 def start_prepare(hf_env, *args):
-    env = {**os.environ, **hf_env, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "data/text/prepare.py", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return popen("data/text/prepare.py", *args, env=hf_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def snapshot(out):
     return {n: (out / n).read_bytes() for n in ("train.bin", "val.bin", "meta.json")}
 
 
+@pytest.mark.gpt2_bpe
+@pytest.mark.slow
 def test_interrupted_or_failed_prepare_leaves_the_old_dataset(hf_env, tmp_path):
     big = tmp_path / "big.jsonl"
     big_corpus(big)
@@ -234,6 +234,7 @@ def test_interrupted_or_failed_prepare_leaves_the_old_dataset(hf_env, tmp_path):
     assert snapshot(out) == before and [n for n in os.listdir(out) if n.startswith(".prepare-")] == []
 
 
+@pytest.mark.slow
 def test_bad_sources_fail_in_one_line(hf_env, tmp_path):
     def fails(*args, message):
         proc = prepare(hf_env, *args, f"--out={tmp_path / 'out'}", check=False)
@@ -271,6 +272,8 @@ def fails(proc, *fragments):
         assert fragment in proc.stderr, proc.stderr
 
 
+@pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_resume_refuses_another_tokenizer(bpe_and_char, tmp_path):
     out = tmp_path / "out"
     train = lambda data, *a: run("train.py", *TINY, f"--dataset={data}", f"--out_dir={out}", *a, check=False)  # noqa
@@ -280,6 +283,8 @@ def test_resume_refuses_another_tokenizer(bpe_and_char, tmp_path):
           "is in characters but the checkpoint was trained on GPT-2 BPE tokens", "--init_from=scratch")
 
 
+@pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_bins_that_disagree_with_their_metadata_are_refused(bpe_and_char, tmp_path):
     train = lambda data: run("train.py", *TINY, f"--dataset={data}", f"--out_dir={tmp_path / 'o'}",  # noqa
                              "--max_iters=1", check=False)
@@ -302,6 +307,8 @@ def test_bins_that_disagree_with_their_metadata_are_refused(bpe_and_char, tmp_pa
     fails(train(other), "val.bin has", "but", "meta.json says", "different prepares")
 
 
+@pytest.mark.gpt2_bpe  # bpe_and_char
+@pytest.mark.slow
 def test_folder_without_metadata_is_gpt2_only_if_its_ids_fit(bpe_and_char, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()

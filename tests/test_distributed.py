@@ -7,14 +7,17 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY
+import pytest
+
+from conftest import REPO, TINY, popen, run
 from lib import checkpoint
+
+pytestmark = pytest.mark.xdist_group("distributed")  # one pytest-xdist worker: the module fixtures train once
 
 
 def torchrun(*args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return popen("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1"})
 
 
 def rank_pid(parent, rank, timeout=60):
@@ -32,6 +35,7 @@ def rank_pid(parent, rank, timeout=60):
     raise AssertionError(f"no worker with RANK={rank}")
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(char_data, tmp_path):
     proc = torchrun(*TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}", "--max_iters=100000",
                     "--eval_interval=1000", "--gradient_accumulation_steps=2", "--lr_decay_iters=1000")
@@ -50,6 +54,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(char_data, tmp_pa
     assert checkpoint.load(str(tmp_path / "ckpt.pt"))["iter_num"] == int(stops[0]) >= 5
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_is_exact(char_data, tmp_path):
     """Two ranks, 0 -> 8 in one go equals 0 -> 4 -> 8: every rank's batches and dropout come back."""
     common = [*TINY, f"--dataset={char_data}", "--dropout=0.2", "--gradient_accumulation_steps=2",
@@ -77,15 +82,13 @@ def test_resume_under_torchrun_is_exact(char_data, tmp_path):
 import shutil  # noqa: E402
 import socket  # noqa: E402
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 STEPS = ["--eval_interval=4", "--max_iters=8", "--lr_decay_iters=8", "--keep_last_n=2", "--dropout=0.1"]
 
 
 def single(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    return run("train.py", *args, timeout=300, check=False, env={"OMP_NUM_THREADS": "1"})
 
 
 def finished(proc):
@@ -129,6 +132,7 @@ def fsdp_run(char_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("activation_checkpointing", [False, True])
+@pytest.mark.slow
 def test_fsdp_on_2_ranks_matches_one_process(reference, fsdp_run, char_data, tmp_path, activation_checkpointing):
     if activation_checkpointing:
         out_dir = str(tmp_path)
@@ -145,6 +149,7 @@ def test_fsdp_on_2_ranks_matches_one_process(reference, fsdp_run, char_data, tmp
     assert error < 1e-5
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_across_world_sizes(reference, fsdp_run, char_data, tmp_path):
     """Saved by FSDP on 2 ranks at step 4 -> resumed in one process, and the other way round: both continue with
     the losses and weights of the uninterrupted run."""
@@ -178,6 +183,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_same_loss_and_grads_less_memory():
     from lib import parallel
     from model import GPT, GPTConfig
@@ -214,15 +220,14 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process(reference, char_data, tmp_path):
     """Two torchrun launches, one process each, meeting at a c10d rendezvous on 127.0.0.1 as two nodes would."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                               "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-                               "--rdzv_id=test", "train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}",
-                               *STEPS, "--gradient_accumulation_steps=2"],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    procs = [popen("-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                   "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test", "train.py", *TINY,
+                   f"--dataset={char_data}", f"--out_dir={tmp_path}", *STEPS, "--gradient_accumulation_steps=2",
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1"})
              for node in (0, 1)]
     outs = [finished(p) for p in procs]
     out = next(o for o in outs if "iter 8:" in o)  # the node that got rank 0 prints
@@ -234,6 +239,7 @@ def test_two_nodes_match_one_process(reference, char_data, tmp_path):
     assert error < 1e-5
 
 
+@pytest.mark.slow
 def test_total_batch_size_fixes_the_tokens_per_step_whatever_the_world_size(reference, char_data, tmp_path):
     from lib import parallel
     from lib.runtime import UserError
@@ -265,10 +271,10 @@ def sharded_run(char_data, tmp_path_factory):
 
 def convert(*args):
     """python -m lib.checkpoint convert SRC DST: one process, no torch.distributed."""
-    return subprocess.run([sys.executable, "-m", "lib.checkpoint", "convert", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run("-m", "lib.checkpoint", "convert", *args, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_path):
     """Converted in one process, the shards of 2 ranks are, bit for bit, the ckpt.pt that the full format writes."""
     out_dir, out = sharded_run
@@ -298,6 +304,7 @@ def test_sharded_checkpoint_converts_to_the_full_one(fsdp_run, sharded_run, tmp_
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items()) and meta["vocab_size"] == 65
 
 
+@pytest.mark.slow
 def test_sharded_checkpoints_resume_at_any_world_size(reference, sharded_run, char_data, tmp_path):
     """ckpt.dcp of step 4 (2 FSDP ranks) resumed by 2 FSDP ranks, and by one process, which saves ckpt.pt (the
     default format) next to it: both continue with the losses and weights of the uninterrupted run."""

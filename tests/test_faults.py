@@ -5,14 +5,13 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, run
+from conftest import TINY, copy_run, popen, run
 from lib import checkpoint
 from lib.batches import Batches
 from lib.runtime import autocast
@@ -34,8 +33,7 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     last = 0
     for attempt in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                                text=True)
+        proc = popen("-c", SAVER, str(tmp_path), stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # one save finished: from now on a good checkpoint exists
         time.sleep(rng.uniform(0, 0.3))  # then kill at a random moment, mostly mid-save
         proc.kill()
@@ -51,11 +49,11 @@ def test_sigkill_during_save_leaves_a_loadable_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.slow
 def test_signal_saves_and_resumes_exactly(char_data, tmp_path, sig):
     common = [*TINY, f"--dataset={char_data}", "--dropout=0.1", "--eval_interval=1000", "--lr_decay_iters=1000"]
-    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'run'}", "--max_iters=1000"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = popen("train.py", *common, f"--out_dir={tmp_path / 'run'}", "--max_iters=1000", stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -106,21 +104,21 @@ def test_non_finite_step_is_skipped_and_training_continues(char_data, dtype):
     assert not torch.equal(model.state_dict()["lm_head.weight"], before["lm_head.weight"])
 
 
-def test_runaway_non_finite_steps_stop_and_keep_the_checkpoint(char_data, tmp_path):
-    train = lambda *a: run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={tmp_path}", *a, check=False)  # noqa
-    assert train("--max_iters=4", "--eval_interval=2").returncode == 0
-    best = (tmp_path / "best.pt").read_bytes()
-    state = checkpoint.load(str(tmp_path / "ckpt.pt"))
+def test_runaway_non_finite_steps_stop_and_keep_the_checkpoint(char_data, char_run, tmp_path):
+    out = copy_run(char_run, tmp_path / "run")  # trained 4 steps
+    best = (out / "best.pt").read_bytes()
+    state = checkpoint.load(str(out / "ckpt.pt"))
     state["model"]["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")  # a poisoned model: every step fails
-    torch.save(state, tmp_path / "ckpt.pt")
-    poisoned = (tmp_path / "ckpt.pt").read_bytes()
-    proc = train("--init_from=resume", "--max_iters=100", "--eval_interval=3", "--max_bad_steps=5")
+    torch.save(state, out / "ckpt.pt")
+    poisoned = (out / "ckpt.pt").read_bytes()
+    proc = run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--init_from=resume", "--max_iters=100",
+               "--eval_interval=3", "--max_bad_steps=5", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert re.search(r"error: 5 steps in a row had a non-finite loss or gradient \(iter 9\); .*ckpt.pt still holds",
                      proc.stderr)
     assert "5 skipped non-finite steps (5 in a row)" in proc.stdout
-    assert (tmp_path / "ckpt.pt").read_bytes() == poisoned  # nothing was saved over it
-    assert (tmp_path / "best.pt").read_bytes() == best
+    assert (out / "ckpt.pt").read_bytes() == poisoned  # nothing was saved over it
+    assert (out / "best.pt").read_bytes() == best
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 1
@@ -141,14 +139,8 @@ def make_dataset(path, tokens, vocab_size=65, **meta):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def trained(char_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained")
-    run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
-    return str(out)
-
-
-def test_data_errors(tmp_path, trained):
+@pytest.mark.slow
+def test_data_errors(tmp_path, char_run):
     train = lambda *a: run("train.py", *TINY, "--max_iters=2", f"--out_dir={tmp_path / 'o'}", *a, check=False)  # noqa
     fails(train("--dataset=no_such_dataset"), "no dataset at", "shakespeare_char")
     (tmp_path / "unprepared").mkdir()
@@ -162,13 +154,16 @@ def test_data_errors(tmp_path, trained):
     short = make_dataset(tmp_path / "short", range(20))
     fails(train(f"--dataset={short}"), "too few for block_size=32")
     wide = make_dataset(tmp_path / "wide", np.arange(1000) % 100, vocab_size=100)
+    trained = copy_run(char_run, tmp_path / "trained")
     fails(run("train.py", *TINY, f"--dataset={wide}", f"--out_dir={trained}", "--init_from=resume", check=False),
           "vocabulary of 100 tokens but the model only 65")
 
 
-def test_checkpoint_errors(char_data, tmp_path, trained):
-    train = lambda out, *a: run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=4",  # noqa
+@pytest.mark.slow
+def test_checkpoint_errors(char_data, tmp_path, char_run):
+    train = lambda out, *a: run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=8",  # noqa
                                 *a, check=False)
+    trained = copy_run(char_run, tmp_path / "trained")
     fails(train(trained, "--init_from=resume", "--n_layer=3"), "trained with n_layer=2 but the config asks for n_layer=3")
     fails(train(tmp_path / "none", "--init_from=resume"), "no checkpoint at")
     half = tmp_path / "half"
@@ -182,16 +177,14 @@ def test_checkpoint_errors(char_data, tmp_path, trained):
     fails(train(blocker / "out"), "cannot write checkpoints to out_dir")
 
 
-def test_device_and_sampling_errors(trained):
+def test_device_and_sampling_errors(char_run):
     fails(run("train.py", "--device=gpu", check=False), "device='gpu' cannot work: device must be auto, cpu, cuda")
     if not torch.cuda.is_available():
         fails(run("train.py", "--device=cuda", check=False), "no CUDA GPU is visible")
     fails(run("train.py", "--dtype=fp8", check=False), "dtype='fp8' cannot work: dtype must be one of 'auto'")
-    fails(run("sample.py", f"--out_dir={trained}", "--start=日本", check=False), "characters the model never saw")
+    fails(run("sample.py", f"--out_dir={char_run}", "--start=日本", check=False), "characters the model never saw")
 
 
 def test_out_of_memory_gets_advice():
-    code = ("import torch; from lib import runtime; runtime.install_error_hook(); "
-            "raise torch.OutOfMemoryError('CUDA out of memory.')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    fails(proc, "out of GPU memory", "--gradient_accumulation_steps")
+    code = "from lib import runtime; import torch; runtime.install_error_hook(); raise torch.OutOfMemoryError('CUDA OOM')"
+    fails(run("-c", code, check=False), "out of GPU memory", "--gradient_accumulation_steps")

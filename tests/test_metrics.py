@@ -52,6 +52,7 @@ def runs(char_data, tmp_path_factory):
     return {"whole": (str(tmp / "whole"), whole), "pieces": (str(tmp / "pieces"), first + second)}
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_one_record_per_line_no_duplicates_across_resume(runs):
     for name, (out, stdout) in runs.items():
         steps, evals = records(out, "step"), records(out, "eval")
@@ -77,6 +78,7 @@ def test_metrics_jsonl_one_record_per_line_no_duplicates_across_resume(runs):
     assert [r["saved"] for r in records(runs["pieces"][0], "eval")] == [False, True, False, True]  # 8: logged again
 
 
+@pytest.mark.slow
 def test_step_eval_and_summary_lines(runs):
     out, stdout = runs["whole"]
     assert re.search(r"^model: [\d.]+K parameters \([\d.]+K non-embedding\), 2 layers, 32 wide, vocab 65; "
@@ -118,11 +120,13 @@ def test_compile_without_a_compiler_trains_uncompiled_and_says_why(char_data, tm
     assert "step 2: train loss" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_doctor_is_silent_on_healthy_runs(runs):
     for out, stdout in runs.values():
         assert warnings_of(stdout, out) == []
 
 
+@pytest.mark.slow
 def test_bits_per_byte_on_ascii_char_data_is_loss_over_ln2(runs, char_data):
     for r in records(runs["whole"][0], "eval"):
         assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2), rel=1e-5)
@@ -148,6 +152,7 @@ def test_bits_per_byte_on_ascii_char_data_is_loss_over_ln2(runs, char_data):
         nats / nbytes / math.log(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_png_is_a_png(runs):
     from matplotlib.image import imread
 
@@ -303,6 +308,7 @@ def wandb_records(path):
             yield record
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_the_metrics_and_a_resume_continues_the_run(char_data, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     args = ["--wandb_log=True", "--eval_interval=2", "--lr_decay_iters=6", "--sample_interval=2", "--sample_tokens=5"]

@@ -175,35 +175,49 @@ def test_cpu_bfloat16_autocast_attention_is_flash_attention_in_value_and_gradien
         assert attention(q, k, v, 0.1, is_causal=False).dtype == torch.float32  # dropout: float32 flash
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("inductor")  # with test_bench's compiled preset: one worker compiles, the other waits less
 def test_cpu_compiled_training_matches_eager_and_repeats_bit_for_bit():
-    """runtime.compile_model on a CPU, as the CPU preset trains: the loss and gradients of eager mode (to bfloat16
-    rounding), and the same bits on every step, as eager mode gives (resume relies on it). Without deterministic
-    algorithms Inductor adds the embedding's gradient rows with atomic adds from parallel threads, in a new order
-    each time."""
-    from lib.runtime import autocast, compile_model
+    """runtime.compile_model on a CPU, as the CPU preset trains (its model, batch and dtype, on parallel threads): the
+    loss and gradients of eager mode (to bfloat16 rounding), and the same bits on every step, as eager mode gives
+    (resume relies on it). Without deterministic algorithms Inductor adds the embedding's gradient rows with atomic
+    adds from parallel threads, in a new order each time. (test_bench times the preset compiled: the same kernels,
+    which Inductor's cache then compiles only once.)"""
+    import os
+    import runpy
 
+    from conftest import REPO
+    from lib import optim
+    from lib.runtime import autocast, compile_model, pick_dtype
+
+    preset = runpy.run_path(os.path.join(REPO, "config/train_shakespeare_char_cpu.py"))
+    settings = {**optim.recipe_settings(preset["recipe"], set(preset)), **preset, "vocab_size": 65}
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=2, n_embd=64, bias=False, rotary=True,
-                        rmsnorm=True, relu2=True, tie_head=False, logit_softcap=15.0))
+    gpt = GPT(GPTConfig(**{k: v for k, v in settings.items() if k in GPTConfig.__dataclass_fields__}))
+    assert gpt.config.rotary and gpt.config.rmsnorm and gpt.config.n_embd == 128  # the preset's modern model
     for p in gpt.parameters():  # zero_init's zeros would leave most gradients zero
         torch.nn.init.normal_(p, std=0.1)
-    idx = torch.randint(65, (12, 65), generator=torch.Generator().manual_seed(3))
-    x, y = idx[:, :-1], idx[:, 1:]
+    idx = torch.randint(65, (settings["batch_size"], settings["block_size"] + 1),
+                        generator=torch.Generator().manual_seed(3))
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()  # as train.py's batches come
+    dtype = pick_dtype("auto", "cpu")  # bfloat16 where the CPU has it, else float32
 
     def loss_and_grads(model):
         gpt.zero_grad(set_to_none=True)
-        with autocast("cpu", "bfloat16"):
+        with autocast("cpu", dtype):
             _, loss = model(x, y)
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in gpt.named_parameters()}
 
     eager_loss, eager_grads = loss_and_grads(gpt)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # parallel threads, as the preset has (the tests run with one)
     try:
         compiled = compile_model(gpt, "cpu")
         runs = [loss_and_grads(compiled) for _ in range(6)]
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(threads)
         torch._dynamo.reset()
     loss, grads = runs[0]
     assert abs(loss.item() - eager_loss.item()) < 1e-2, (loss, eager_loss)

@@ -249,6 +249,7 @@ def losses(stdout):
     return {int(i): v for i, v in re.findall(r"^iter (\d+): loss (\S+),", stdout, re.M)}
 
 
+@pytest.mark.slow
 def test_resume_with_muon_and_wsd_is_bit_exact(char_data, tmp_path):
     common = ["--recipe=modern", "--gradient_accumulation_steps=2", "--eval_interval=3", "--lr_decay_iters=8",
               "--cooldown_frac=0.5", "--final_lr_frac=0.1"]
@@ -289,6 +290,7 @@ def test_export_refuses_a_modern_model_in_one_line(tmp_path):
     assert proc.stderr.startswith("error: ") and "rotary=True" in proc.stderr and not os.path.exists(tmp_path / "hf")
 
 
+@pytest.mark.slow
 def test_muon_under_ddp_trains(char_data, tmp_path):
     """Two gloo ranks with the modern recipe: Muon steps on the all-reduced gradients, the run finishes and saves."""
     from test_distributed import torchrun

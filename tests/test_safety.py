@@ -7,14 +7,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from configurator import ConfigError, configure
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, copy_run, popen, run
 from lib import checkpoint, files
 from lib.runtime import UserError
 from test_faults import fails
@@ -35,8 +33,9 @@ def no_temp_files(folder):
 
 # ----------------------------------------------------------------------------- 1. a new run never replaces a trained one
 
-def test_a_scratch_run_does_not_replace_a_trained_model(char_data, tmp_path):
-    train(char_data, tmp_path, "--max_iters=4", "--eval_interval=2")
+@pytest.mark.slow
+def test_a_scratch_run_does_not_replace_a_trained_model(char_data, char_run, tmp_path):
+    copy_run(char_run, tmp_path)  # trained 4 steps, saved every 2
     before = pt_bytes(tmp_path)
     for slip in ([], ["--init_from=gpt2"]):  # the same command again; or GPT-2 weights, refused before any download
         proc = train(char_data, tmp_path, "--max_iters=2", *slip, check=False)
@@ -53,8 +52,8 @@ def test_a_scratch_run_does_not_replace_a_trained_model(char_data, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("ckpt_")]  # the replaced run's snapshots are gone
 
 
-def test_eval_only_needs_no_overwrite(char_data, tmp_path):
-    train(char_data, tmp_path, "--max_iters=2", "--eval_interval=2")
+def test_eval_only_needs_no_overwrite(char_data, char_run, tmp_path):
+    copy_run(char_run, tmp_path)
     before = pt_bytes(tmp_path)
     assert "val loss" in train(char_data, tmp_path, "--eval_only=True").stdout
     assert pt_bytes(tmp_path) == before
@@ -62,16 +61,16 @@ def test_eval_only_needs_no_overwrite(char_data, tmp_path):
 
 def start_training(char_data, out_dir, *args):
     """A long run in the background, returned once it has taken its first step."""
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out_dir}",
-                             "--max_iters=100000", "--eval_interval=100000", "--lr_decay_iters=100000", *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = popen("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out_dir}", "--max_iters=100000",
+                 "--eval_interval=100000", "--lr_decay_iters=100000", *args, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("iter 1:"):
             return proc
     raise AssertionError(proc.stderr.read())
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_one_leaves_no_lock(char_data, tmp_path):
     first = start_training(char_data, tmp_path)
     try:
@@ -110,23 +109,21 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", str(path)])
 
 
-def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(char_data, tmp_path, small_filesystem):
-    probe = tmp_path / "probe"
-    train(char_data, probe, "--max_iters=2", "--eval_interval=2")
-    latest, best = os.path.getsize(probe / "ckpt.pt"), os.path.getsize(probe / "best.pt")
+def test_a_full_disk_keeps_the_old_checkpoint_and_says_so(char_data, char_run, tmp_path, small_filesystem):
+    latest, best = os.path.getsize(char_run / "ckpt.pt"), os.path.getsize(char_run / "best.pt")
     # room for one checkpoint pair and half a file more: the first save fits, a second cannot
     out = small_filesystem(latest + best + latest // 2) if os.geteuid() == 0 else None
     if out is None:
         pytest.skip("mounting a tmpfs needs root (test_a_failing_write_* simulates ENOSPC instead)")
-    train(char_data, out, "--max_iters=2", "--eval_interval=2")
+    copy_run(char_run, out)  # trained 4 steps (and its metrics.jsonl and loss.png)
     before = pt_bytes(out)
-    proc = train(char_data, out, "--init_from=resume", "--max_iters=6", "--eval_interval=2", check=False)
+    proc = train(char_data, out, "--init_from=resume", "--max_iters=8", "--eval_interval=2", check=False)
     fails(proc, "disk full while saving", "MiB are free in", "the previous checkpoint there is intact")
     needed = float(re.search(r"needs about ([\d.,]+) MiB", proc.stderr)[1].replace(",", ""))
     assert 0.8 * min(latest, best) / 2**20 < needed < 1.5 * latest / 2**20
     assert (out / "ckpt.pt").read_bytes() == before["ckpt.pt"] and no_temp_files(out)
-    assert checkpoint.load(str(out / "ckpt.pt"))["iter_num"] == 2
-    assert checkpoint.load(str(out / "best.pt"))["iter_num"] in (2, 4)  # whole: the old one, or a new best that fit
+    assert checkpoint.load(str(out / "ckpt.pt"))["iter_num"] == 4
+    assert checkpoint.load(str(out / "best.pt"))["iter_num"] in (4, 6)  # whole: the old one, or a new best that fit
 
 
 class FillsUp:
@@ -176,11 +173,10 @@ for i in range(1, 10**6):  # ~32 MB states, saving most of the time
 
 
 def test_a_second_ctrl_c_during_a_save_is_one_line_and_leaves_no_temp_file(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = popen("-c", SAVER, str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.readline()  # one whole checkpoint exists
     proc.send_signal(signal.SIGINT)  # the first Ctrl-C only asks to stop (this loop does not check)
-    time.sleep(0.05)
+    proc.stdout.readline()  # one more save: its handler has run (two signals before it runs would be taken as one)
     proc.send_signal(signal.SIGINT)  # the second interrupts, most likely mid-save
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err == "error: interrupted by a second Ctrl-C; the last good checkpoint stays\n"
@@ -209,15 +205,15 @@ def best_weights(out_dir):
     return state["iter_num"], state["model"]
 
 
+@pytest.mark.slow
 def test_a_kill_between_best_and_latest_keeps_the_best_model(char_data, tmp_path):
     common = ["--eval_interval=2", "--max_iters=8", "--lr_decay_iters=8", "--always_save_checkpoint=False"]
     whole = train(char_data, tmp_path / "whole", *common)
     vals = dict(re.findall(r"^step (\d+): train loss \S+, val loss (\S+)", whole.stdout, re.M))
     kill_at = 4
     assert float(vals["4"]) < float(vals["2"])  # iteration 4 is a new best, so the kill lands between the writes
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_BEST.replace("{kill_at}", str(kill_at)), *TINY,
-                           f"--dataset={char_data}", *common, f"--out_dir={tmp_path / 'killed'}"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = run("-c", KILL_AFTER_BEST.replace("{kill_at}", str(kill_at)), *TINY, f"--dataset={char_data}", *common,
+               f"--out_dir={tmp_path / 'killed'}", check=False)
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.load(str(tmp_path / "killed" / "ckpt.pt"))["iter_num"] == 2  # ckpt.pt is a step behind
     assert best_weights(tmp_path / "killed")[0] == kill_at  # ... but best.pt already holds the new best
@@ -226,6 +222,7 @@ def test_a_kill_between_best_and_latest_keeps_the_best_model(char_data, tmp_path
     assert it_a == it_b and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_repairs_a_best_pt_left_behind(char_data, tmp_path):
     """Files as an older version could leave them: ckpt.pt records a best val loss that best.pt does not hold."""
     args = ["--eval_interval=2", "--lr_decay_iters=100", "--always_save_checkpoint=False"]
@@ -259,6 +256,7 @@ def test_values_that_cannot_work_are_refused_naming_the_setting(bad):
         configure(dict(defaults), [f"--{bad}"])
 
 
+@pytest.mark.slow
 def test_bad_values_are_one_line_before_training(char_data, tmp_path):
     """Through the real scripts: exit 1, one error line, nothing trained or written."""
     out = f"--out_dir={tmp_path / 'out'}"
@@ -284,9 +282,8 @@ def test_bad_values_are_one_line_before_training(char_data, tmp_path):
     fails(run("sample.py", "--max_new_tokens=-1", check=False), "max_new_tokens=-1 cannot work")
 
 
-def test_sample_prompt_file_errors(char_data, tmp_path):
-    train(char_data, tmp_path, "--max_iters=1", "--eval_interval=1")
-    sample = lambda start: run("sample.py", "--device=cpu", f"--out_dir={tmp_path}", f"--start={start}",  # noqa
+def test_sample_prompt_file_errors(char_run, tmp_path):
+    sample = lambda start: run("sample.py", "--device=cpu", f"--out_dir={char_run}", f"--start={start}",  # noqa
                                "--num_samples=1", "--max_new_tokens=5", check=False)
     fails(sample(f"FILE:{tmp_path / 'missing.txt'}"), "cannot read the prompt file (No such file or directory)")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
@@ -304,9 +301,9 @@ def as_nanogpt(state):
                 best_val_loss=torch.tensor(state["best_val_loss"]), config=dict(state["config"], backend="nccl"))
 
 
-def test_a_nanogpt_checkpoint_samples_resumes_and_exports(char_data, tmp_path, monkeypatch):
-    train(char_data, tmp_path / "ours", "--max_iters=3", "--eval_interval=3")
-    ours = checkpoint.load(str(tmp_path / "ours" / "ckpt.pt"))
+@pytest.mark.slow
+def test_a_nanogpt_checkpoint_samples_resumes_and_exports(char_data, char_run, tmp_path, monkeypatch):
+    ours = checkpoint.load(str(char_run / "ckpt.pt"))  # trained 4 steps
     nano = tmp_path / "nano"
     nano.mkdir()
     torch.save(as_nanogpt(ours), nano / "ckpt.pt")
@@ -314,7 +311,7 @@ def test_a_nanogpt_checkpoint_samples_resumes_and_exports(char_data, tmp_path, m
 
     sample = run("sample.py", "--device=cpu", f"--out_dir={nano}", "--num_samples=1", "--max_new_tokens=20",
                  "--start=ROMEO:", "--temperature=0")
-    same = run("sample.py", "--device=cpu", f"--out_dir={tmp_path / 'ours'}", "--ckpt=latest", "--num_samples=1",
+    same = run("sample.py", "--device=cpu", f"--out_dir={char_run}", "--ckpt=latest", "--num_samples=1",
                "--max_new_tokens=20", "--start=ROMEO:", "--temperature=0")
     assert "is a nanoGPT checkpoint" in sample.stdout and "the checkpoint carries no vocabulary: using" in sample.stdout
     assert sample.stdout.endswith(same.stdout)  # the same text as the checkpoint it was made from
@@ -324,21 +321,21 @@ def test_a_nanogpt_checkpoint_samples_resumes_and_exports(char_data, tmp_path, m
     assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "char_vocab.json").exists()
     assert (nano / "ckpt.pt").read_bytes() == original
 
-    resumed = train(char_data, nano, "--max_iters=5", "--eval_interval=5", "--init_from=resume").stdout
-    whole = train(char_data, tmp_path / "whole", "--max_iters=5", "--eval_interval=3").stdout
+    resumed = train(char_data, nano, "--max_iters=6", "--eval_interval=6", "--init_from=resume").stdout
+    whole = train(char_data, tmp_path / "whole", "--max_iters=6", "--eval_interval=2").stdout
     pick = lambda s: re.findall(r"^iter (\d+): loss (\S+),", s, re.M)  # noqa: E731
-    assert pick(resumed) == pick(whole)[3:] and len(pick(resumed)) == 2  # continues exactly where it stopped
+    assert pick(resumed) == pick(whole)[4:] and len(pick(resumed)) == 2  # continues exactly where it stopped
 
 
 # ----------------------------------------------------------------------------- 7. export into an existing folder
 
-def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(char_data, tmp_path, monkeypatch):
+@pytest.mark.gpt2_bpe
+def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(char_run, tmp_path, monkeypatch):
     padded_bpe_checkpoint(tmp_path / "bpe", GPT2_META)
     hf_dir = tmp_path / "hf"
     export(monkeypatch, f"--out_dir={tmp_path / 'bpe'}", f"--hf_dir={hf_dir}")
     assert (hf_dir / "tokenizer.json").exists() and (hf_dir / "merges.txt").exists()
-    train(char_data, tmp_path / "char", "--max_iters=2", "--eval_interval=2")
-    export(monkeypatch, f"--out_dir={tmp_path / 'char'}", f"--hf_dir={hf_dir}")  # a char model over the BPE export
+    export(monkeypatch, f"--out_dir={char_run}", f"--hf_dir={hf_dir}")  # a char model over the BPE export
     assert sorted(os.listdir(hf_dir)) == ["char_vocab.json", "config.json", "export.json", "generation_config.json",
                                           "model.safetensors"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith("hf.")]  # no staging or old folder left
@@ -347,7 +344,7 @@ def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(char_
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     with pytest.raises(UserError, match="is not empty and is not an earlier export"):
-        export(monkeypatch, f"--out_dir={tmp_path / 'char'}", f"--hf_dir={other}")
+        export(monkeypatch, f"--out_dir={char_run}", f"--hf_dir={other}")
     assert os.listdir(other) == ["notes.txt"]
     shutil.rmtree(hf_dir)
 

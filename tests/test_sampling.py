@@ -7,34 +7,24 @@ import os
 import random
 import re
 import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, run
+from conftest import popen, run
 from lib import checkpoint
 from model import GPT, GPTConfig
 from sample import SEPARATOR, TextStream
-
-SHARED_TIKTOKEN = os.path.join(REPO, "..", "shared", "tiktoken_cache")
-if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(SHARED_TIKTOKEN):
-    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(SHARED_TIKTOKEN)  # tiktoken's gpt2 files, offline
 
 GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
 # GPT-2 BPE tokens that are each only part of a UTF-8 character: '日' is 33768 98, '本' 17312 105, '🙂' 8582 25081
 SPLIT_TOKENS = [33768, 98, 17312, 105, 8582, 25081]
 
 
-def sample(*args, input=None, env=None):
+def sample(*args, input=None):
     """sample.py's CompletedProcess, with `input` on its stdin (a pipe, as when a script drives it)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
-    proc = subprocess.run([sys.executable, "sample.py", "--device=cpu", *args], cwd=REPO, env=full_env, input=input,
-                          capture_output=True, text=True, encoding="utf-8", timeout=600)
-    assert proc.returncode == 0, f"sample.py {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    return run("sample.py", "--device=cpu", *args, input=input)
 
 
 def samples(stdout):
@@ -43,12 +33,10 @@ def samples(stdout):
     return [p[:-1] for p in parts[:-1]]  # each sample's text (print adds one newline)
 
 
-@pytest.fixture(scope="module")
-def char_ckpt(char_data, tmp_path_factory):
+@pytest.fixture
+def char_ckpt(char_run):
     """A character-level checkpoint trained a few steps on tiny Shakespeare."""
-    out = tmp_path_factory.mktemp("char_ckpt")
-    run("train.py", *TINY, f"--dataset={char_data}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=6")
-    return str(out)
+    return str(char_run)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +70,7 @@ def test_text_stream_holds_a_split_character_until_it_is_whole():
     assert stream.push([2, 0]) == "a" and stream.push([2]) == "\ufffda"  # a broken character is replaced, as decode does
 
 
+@pytest.mark.gpt2_bpe
 def test_text_stream_on_gpt2_tokens_emits_the_longest_whole_prefix():
     import tiktoken
 
@@ -157,6 +146,7 @@ def test_stream_equals_printed_samples_char_model(char_ckpt):
     assert sample(*args, "--stream=True", "--seed=8").stdout != streamed
 
 
+@pytest.mark.gpt2_bpe
 def test_stream_equals_printed_samples_with_split_bpe_characters(split_bpe_ckpt):
     prompt = "日本語 🙂 café:"
     args = [f"--out_dir={split_bpe_ckpt}", "--num_samples=2", "--max_new_tokens=60", f"--start={prompt}", "--seed=3"]
@@ -193,6 +183,7 @@ def test_interactive_ends_at_end_of_input_and_skips_a_bad_prompt(char_ckpt):
     assert proc.stderr.strip() == "error: the prompt has characters the model never saw: '日本'"
 
 
+@pytest.mark.gpt2_bpe
 def test_interactive_with_bpe_model(split_bpe_ckpt):
     proc = sample(f"--out_dir={split_bpe_ckpt}", "--max_new_tokens=10", "--interactive=True",
                   input="日本\n<|endoftext|>\n")
@@ -211,9 +202,7 @@ def on_a_terminal(*args):
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "sample.py", "--device=cpu", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=slave)
+    proc = popen("sample.py", "--device=cpu", *args, env={"PYTHONUNBUFFERED": ""}, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     shown = bytearray()
 
@@ -249,6 +238,7 @@ def test_progress_bar_on_a_terminal_only(char_ckpt):
     assert "sample 1/2" not in shown and out == piped.stdout
 
 
+@pytest.mark.slow
 def test_batched_sampling_gives_the_same_text_as_one_at_a_time(char_ckpt):
     """Each sample draws from its own generator, so batching (or streaming) changes the speed, not the text."""
     args = ["--device=cpu", f"--out_dir={char_ckpt}", "--num_samples=3", "--max_new_tokens=30", "--start=ROMEO:"]
