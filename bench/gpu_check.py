@@ -197,7 +197,8 @@ def main():
     try:
         configure(globals(), sys.argv[1:])
     except ConfigError as e:  # (no torch here for runtime's error hook: this process only starts the rows)
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if check:
         return {"fsdp": fsdp_check}[check]()
     dry = device == "cpu"

@@ -223,28 +223,21 @@ class Chat:
         return self.system + [i for turn in self.turns for i in turn]
 
     def extend(self, ids):
-        """Run ids through the model after the tokens in the cache; keep the logits after the last one. An empty cache
-        takes them in one pass; after that, model.py's attention continues a cache one token at a time."""
+        """Run ids through the model in one pass after the tokens in the cache; keep the logits after the last one."""
         if not ids:
             return
         with torch.no_grad():
             if self.cache is None:
                 self.cache = KVCache(self.model.config, 1)
-            if self.cache.length == 0:
-                x = torch.tensor([ids], dtype=torch.long, device=self.device)
-                self.logits = self.model(x, kv_cache=self.cache)[0][0, -1]
-                self.cached = list(ids)
-                return
-            for i in ids:  # self.cached grows only once a token is in the cache: a Ctrl-C never leaves them apart
-                x = torch.tensor([[i]], dtype=torch.long, device=self.device)
-                self.logits = self.model(x, kv_cache=self.cache)[0][0, -1]
-                self.cached.append(i)
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            self.logits = self.model(x, kv_cache=self.cache)[0][0, -1]
+            self.cached += ids
 
     def sync(self):
         """Make the cache hold exactly the conversation's ids: extend it when it holds a prefix of them, else (turns
-        were dropped) rebuild it."""
+        were dropped, or a Ctrl-C left the cache and the ids it holds apart) rebuild it."""
         ids = self.ids()
-        if self.cache is None or self.cached != ids[:len(self.cached)]:
+        if self.cache is None or self.cache.length != len(self.cached) or self.cached != ids[:len(self.cached)]:
             self.cache, self.cached = None, []
         self.extend(ids[len(self.cached):])
 
