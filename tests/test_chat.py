@@ -57,6 +57,7 @@ def test_render_gives_the_template_and_masks_exactly_the_assistant_tokens():
     assert tok.prompt(CONVERSATION[:2]) == want[:15] + [a]  # ... <|user|>hi<|end|><|assistant|>
 
 
+@pytest.mark.gpt2_bpe
 def test_typed_text_never_becomes_a_special_token():
     import tiktoken
 
@@ -187,6 +188,7 @@ def test_a_bad_row_names_its_file_and_line(line, reason):
     assert list(chunk["lengths"]) == [len(chunk["ids"])] == [len(chunk["mask"])]
 
 
+@pytest.mark.gpt2_bpe
 def test_bad_rows_stop_prepare_in_one_line_or_are_skipped_and_counted(tmp_path):
     path = write_jsonl(tmp_path / "chats.jsonl", [GOOD, GOOD] + [line for line, _ in BAD_LINES[:4]] + [GOOD])
     out = tmp_path / "out"
@@ -556,7 +558,7 @@ def export(monkeypatch, *args):
     runpy.run_path(os.path.join(REPO, "export.py"), run_name="__main__")
 
 
-@pytest.mark.parametrize("kind", ["char", "gpt2"])
+@pytest.mark.parametrize("kind", ["char", pytest.param("gpt2", marks=pytest.mark.gpt2_bpe)])
 def test_export_carries_the_chat_template_apply_chat_template_and_generate_agree(monkeypatch, tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -666,6 +668,7 @@ def test_sft_presets_load_through_train_py():
 
 
 @pytest.mark.slow
+@pytest.mark.gpt2_bpe
 def test_openai_gpt2_grows_to_50304_rows_finetunes_on_chat_data_and_exports(tmp_path):
     """A transformers GPT-2 (50,257 rows, like OpenAI's) finetuned on GPT-2 BPE chat data: its vocabulary grows to
     50,304 with the chat tokens at 50257-50260, chat.py answers, and the export holds the chat tokens' rows."""

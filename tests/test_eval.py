@@ -295,6 +295,7 @@ def test_examples_are_shuffled_once_with_seed_1337_and_limited(bundle):
 
 # ----------------------------------------------------------------------------- scoring
 
+@pytest.mark.gpt2_bpe
 def test_each_kind_predicts_as_a_direct_computation_does(bundle, enc):
     model = random_gpt(block_size=128)
     with torch.no_grad():  # the vocabulary's padding (ids 50257-50303, never text) with large logits: never predicted
@@ -319,6 +320,7 @@ def test_each_kind_predicts_as_a_direct_computation_does(bundle, enc):
     assert wrong_somewhere and reports[0].examples == sum(len(t[5]) for t in TASKS.values())
 
 
+@pytest.mark.gpt2_bpe
 def test_language_modeling_is_right_only_on_the_exact_greedy_continuation(enc):
     """An example whose continuation is the model's own greedy output is right; one token changed, it is not."""
     model = random_gpt(seed=4)
@@ -341,6 +343,7 @@ def test_language_modeling_is_right_only_on_the_exact_greedy_continuation(enc):
     assert core_eval.evaluate(model, es).scores[0].right == len(examples) - 1
 
 
+@pytest.mark.gpt2_bpe
 def test_rows_longer_than_the_context_keep_their_end(bundle, enc):
     model = random_gpt(block_size=24, seed=2)
     task = core_eval.load_bundle(bundle)["mc_fewshot"]  # 2-shot prompts: ~60 tokens, cut to 24
@@ -375,6 +378,7 @@ def test_centered_accuracy_and_core_on_hand_made_results():
     assert out["examples_per_s"] == pytest.approx(36.0) and out["core"] == pytest.approx(0.0)
 
 
+@pytest.mark.gpt2_bpe
 def test_evaluate_switches_a_training_model_to_eval_and_back(bundle):
     es = evalset(bundle, "mc_zeroshot,schema_fewshot")
     model = random_gpt(dropout=0.5)
@@ -386,6 +390,7 @@ def test_evaluate_switches_a_training_model_to_eval_and_back(bundle):
     assert core_eval.evaluate(model, es, autocast=bf16).examples == 9 and model.training
 
 
+@pytest.mark.gpt2_bpe
 def test_ranks_share_the_examples(bundle):
     """Without a process group each rank returns its own counts; together they are the whole evaluation."""
     es = evalset(bundle)
@@ -418,6 +423,7 @@ def hellaswag_file(tmp_path_factory):
     return write_hellaswag(tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl")
 
 
+@pytest.mark.gpt2_bpe
 def test_hellaswag_file_is_a_zero_shot_multiple_choice_task(hellaswag_file, bundle):
     examples = hellaswag.load_examples(hellaswag_file)
     assert examples[0] == {"query": HELLASWAG[0][0], "choices": HELLASWAG[0][1], "gold": 3}
@@ -491,6 +497,7 @@ def read_results(path):
         return json.load(f)
 
 
+@pytest.mark.gpt2_bpe
 @pytest.mark.slow
 def test_eval_on_a_hf_folder_equals_its_checkpoint(monkeypatch, tmp_path, bundle):
     """A GPT-2-shaped checkpoint (vocabulary padded to 50304) and the transformers folder export.py makes of it."""
@@ -525,6 +532,7 @@ def test_eval_on_a_hf_folder_equals_its_checkpoint(monkeypatch, tmp_path, bundle
     assert from_ckpt["core"] == pytest.approx(direct_report.core_metric)
 
 
+@pytest.mark.gpt2_bpe
 def test_eval_hellaswag_alone_with_a_limit(tmp_path, hellaswag_file):
     model = random_gpt(block_size=48, seed=3)
     save_checkpoint(model, tmp_path / "out", GPT2_META)
@@ -538,6 +546,7 @@ def test_eval_hellaswag_alone_with_a_limit(tmp_path, hellaswag_file):
     assert results["limit"] == 4 and results["core"] is None
 
 
+@pytest.mark.gpt2_bpe
 @pytest.mark.slow
 def test_eval_under_torchrun_with_two_ranks_equals_one_process(tmp_path, bundle):
     model = random_gpt(seed=1)
@@ -555,6 +564,7 @@ def test_eval_under_torchrun_with_two_ranks_equals_one_process(tmp_path, bundle)
            [(s.examples, s.right) for s in whole.scores]
 
 
+@pytest.mark.gpt2_bpe
 def test_eval_errors_are_one_line(tmp_path, bundle):
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=65))
     chars = [chr(32 + i) for i in range(65)]
@@ -577,6 +587,7 @@ def test_eval_errors_are_one_line(tmp_path, bundle):
 
 # ----------------------------------------------------------------------------- train.py --eval_every
 
+@pytest.mark.gpt2_bpe
 def test_train_scores_tasks_every_n_steps_and_refuses_char_data(tmp_path, bundle, char_data):
     data = tmp_path / "bpe"
     data.mkdir()

@@ -204,6 +204,7 @@ def test_a_prepare_replaces_only_a_dataset_that_a_prepare_wrote(tmp_path):
     fails(prepare_char(tmp_path, out, check=False), "already holds meta.json, train.bin, val.bin, not a dataset")
 
 
+@pytest.mark.gpt2_bpe
 def test_two_prepares_into_one_folder(hf_env, tmp_path):  # noqa: F811 (hf_env: the fixture)
     """The second stops in one line naming the first; once the first is killed (its tokenizing processes live on
     a moment, orphaned), the folder is free again."""
@@ -242,6 +243,7 @@ def test_the_lock_is_not_kept_by_forked_children(tmp_path):
         os.close(started)
 
 
+@pytest.mark.gpt2_bpe
 def test_one_writer_per_folder_for_every_script(char_data, tmp_path, monkeypatch):
     """While something holds a folder (here this process), the tokenizer trainer and export.py stop too."""
     out = tmp_path / "data"
@@ -285,6 +287,7 @@ def test_train_tokenizer_replaces_only_a_tokenizer_it_wrote(tmp_path):
 
 # ----------------------------------------------------------------------------- export
 
+@pytest.mark.gpt2_bpe
 def test_export_keeps_files_it_did_not_write_and_refuses_changed_ones(tmp_path, monkeypatch):
     padded_bpe_checkpoint(tmp_path / "bpe", GPT2_META)
     hf_dir = tmp_path / "hf"
@@ -322,6 +325,7 @@ def test_export_keeps_files_it_did_not_write_and_refuses_changed_ones(tmp_path, 
 
 # ----------------------------------------------------------------------------- a real full disk
 
+@pytest.mark.gpt2_bpe
 def test_a_full_disk_is_one_line_for_every_writer(tmp_path, small_filesystem, monkeypatch):  # noqa: F811
     disk = small_filesystem(256 << 10) if os.geteuid() == 0 else None
     if disk is None:

@@ -240,6 +240,7 @@ def own_tokenizer(tmp_path_factory):
     return folder / "tokenizer.json"
 
 
+@pytest.mark.gpt2_bpe
 def test_prepare_encodes_the_spelling_as_text_with_every_tokenizer(own_tokenizer):
     gpt2 = encode_gpt2(TEXTS)
     assert (gpt2 == GPT2_EOT).sum() == len(TEXTS)  # only the one after each document
@@ -251,6 +252,7 @@ def test_prepare_encodes_the_spelling_as_text_with_every_tokenizer(own_tokenizer
     assert "".join(chars[i] for i in ids) == "".join(t + "\n" for t in TEXTS)
 
 
+@pytest.mark.gpt2_bpe
 def test_tokenizers_encode_the_spelling_as_text_and_a_prompt_may_ask_for_the_token(own_tokenizer):
     meta = {"tokenizer": "hf:test", "tokenizer_json": own_tokenizer.read_text(encoding="utf-8")}
     for tok in (load_tokenizer({}), load_tokenizer(meta)):
