@@ -11,6 +11,7 @@ Prints each task's accuracy and centered accuracy as it finishes, then CORE (or 
 writes them as JSON beside the checkpoint (--results elsewhere).
 """
 
+import json
 import os
 import re
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from configurator import configure
 from lib import checkpoint, core_eval, hellaswag
-from lib.files import write_json
+from lib.files import guard, write_json
 from lib.runtime import UserError, install_error_hook, setup
 
 # ----------------------------------------------------------------------------- settings
@@ -32,6 +33,7 @@ limit = 0  # at most this many examples per task, the same ones each time (0: al
 bundle = ""  # CORE's eval bundle folder (core.yaml, eval_meta_data.csv, eval_data/); '': data/eval_bundle/, downloaded
 hellaswag_file = ""  # hellaswag_val.jsonl for tasks=hellaswag; '': data/hellaswag/hellaswag_val.jsonl, downloaded once
 results = ""  # the JSON file to write; '': beside the checkpoint (out_dir/best.core.json), none for GPT-2 weights
+overwrite = False  # replace a --results file that eval.py did not write (its own earlier results it always replaces)
 batch_tokens = 0  # tokens per forward pass (rows x longest row, whole examples); 0: 16,384 on a GPU, 4,096 elsewhere
 progress = True  # a progress bar on stderr (when it is a terminal)
 device = "auto"
@@ -64,12 +66,24 @@ def results_path():
     return f"{os.path.splitext(checkpoint.find(out_dir, ckpt))[0]}.{name}.json"
 
 
+def written_here(path):
+    """Whether path holds results this script wrote (Report.as_json's keys), which a new evaluation replaces."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {"asked", "core", "tasks"} <= set(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def main():
     install_error_hook()
     configure(globals(), sys.argv[1:])
     path = results_path()
     if results and not os.path.isdir(os.path.dirname(os.path.abspath(results))):
         raise UserError(f"--results={results}: its folder does not exist")
+    if path:  # checked before the evaluation, not after its minutes
+        guard([path], overwrite, "--results", path, ours=written_here, when="once the evaluation is done",
+              holds=lambda _: "is a folder" if os.path.isdir(path) else "is a file eval.py did not write")
     rt = setup(device, dtype, distributed=True)
     master = rt.rank == 0
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)

@@ -266,14 +266,24 @@ class MetricsFile:
 
 # ----------------------------------------------------------------------------- loss.png
 
-def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
+def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title, scores=()):
     """Train loss (every log line, and at evals) and val loss against steps (tokens on the top axis), lr on the
-    right axis; written atomically (files.write_atomic)."""
+    right axis; under them, when train.py scored tasks (--eval_every), CORE (or the tasks' mean centered accuracy)
+    against the same steps. Written atomically (files.write_atomic); returns the figure."""
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state (the Agg canvas)
 
-    fig = Figure(figsize=(9, 5.5), dpi=100)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(9, 7.5 if scores else 5.5), dpi=100)
+    if scores:
+        ax, ax_scores = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+        core = all(r.get("core") is not None for r in scores)
+        ax_scores.plot([r["step"] for r in scores], [r["core" if core else "mean_centered"] for r in scores], "o-",
+                       color="tab:green", ms=3)
+        ax_scores.set_ylabel("CORE" if core else "mean centered\naccuracy")
+        ax_scores.set_xlabel("step")
+        ax_scores.grid(alpha=0.3)
+    else:
+        ax = fig.add_subplot()
     stride = max(1, len(steps) // 5000)  # a curve of 5,000 points at most
     ax.plot(steps[::stride], losses[::stride], color="tab:blue", lw=0.8, alpha=0.45, label="train loss (steps)")
     if evals:
@@ -289,7 +299,7 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
         top = max(evals_losses.max(initial=0.0), 1.2 * np.percentile(steps_losses, 98) if len(steps_losses) else 0.0)
         top = min(top, values.max())
         ax.set_ylim(max(0.0, values.min() - 0.05 * (top - values.min())), top + 0.02 * (top - values.min()) + 1e-6)
-    ax.set_xlabel("step")
+    ax.set_xlabel("" if scores else "step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     if tokens_per_iter:
@@ -310,6 +320,7 @@ def plot_losses(path, steps, losses, lrs, evals, tokens_per_iter, title):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     files.save_figure(fig, path)
+    return fig
 
 
 # ----------------------------------------------------------------------------- wandb
@@ -379,6 +390,7 @@ class RunLog:
         self.best, self.warnings = None, 0  # (val loss, step, val bpb) of the best eval
         self.curve = (array("d"), array("d"), array("d"))  # steps, losses, lrs of the step lines, for loss.png
         self.evals = []
+        self.task_scores = []  # the tasks records (--eval_every), for loss.png
         vocab_size = gpt.config.vocab_size
 
         # the tokenizer: bits per byte at evals, and samples
@@ -456,6 +468,8 @@ class RunLog:
         if r.get("kind") == "step" and r.get("loss") is not None:
             for series, v in zip(self.curve, (r["step"], r["loss"], r.get("lr"))):
                 series.append(v if v is not None else float("nan"))
+        elif r.get("kind") == "tasks":
+            self.task_scores.append(r)
         elif r.get("kind") == "eval" and r.get("val_loss") is not None:
             self.evals.append(r)
             if self.best is None or r["val_loss"] < self.best[0]:
@@ -544,7 +558,7 @@ class RunLog:
         """train.py's eval_every line (a core_eval.Report: CORE, HellaSwag, ...), into metrics.jsonl and wandb too."""
         if self.writes:
             print(f"eval at step {step}: {report.summary()}")
-            self._record("tasks", step, **report.record())
+            self._remember(self._record("tasks", step, **report.record()))
 
     def saved(self):
         """After every checkpoint save (rank 0): the first one of a run that started over replaces the earlier run's
@@ -560,7 +574,7 @@ class RunLog:
             best = min((e["val_loss"] for e in self.evals), default=None)
             plot_losses(os.path.join(self.out_dir, PLOT), *self.curve, self.evals, self.tokens_per_iter,
                         f"{name}: {self.gpt.config.n_layer} layers x {self.gpt.config.n_embd}"
-                        f"{f', best val loss {best:.4f}' if best is not None else ''}")
+                        f"{f', best val loss {best:.4f}' if best is not None else ''}", self.task_scores)
 
     def maybe_sample(self, step):
         """Every sample_interval steps, and at the last: a short sample from sample_prompt. Returns whether it

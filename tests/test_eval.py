@@ -6,6 +6,7 @@ random models; CPU, no network.
 """
 
 import csv
+import importlib
 import json
 import os
 import random
@@ -544,6 +545,7 @@ def test_eval_hellaswag_alone_with_a_limit(tmp_path, hellaswag_file):
     es = core_eval.prepare("hellaswag", GPT2_META, 50304, hellaswag_file=hellaswag_file, limit=4)
     assert results["tasks"]["hellaswag"]["right"] == core_eval.evaluate(model, es).scores[0].right
     assert results["limit"] == 4 and results["core"] is None
+    assert importlib.import_module("eval").written_here(tmp_path / "out" / "ckpt.hellaswag-limit4.json")  # replaceable
 
 
 @pytest.mark.gpt2_bpe
@@ -566,6 +568,7 @@ def test_eval_under_torchrun_with_two_ranks_equals_one_process(tmp_path, bundle)
 
 @pytest.mark.gpt2_bpe
 def test_eval_errors_are_one_line(tmp_path, bundle):
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16, vocab_size=65))
     chars = [chr(32 + i) for i in range(65)]
     save_checkpoint(model, tmp_path / "char", {"vocab_size": 65, "itos": dict(enumerate(chars)),
@@ -578,11 +581,15 @@ def test_eval_errors_are_one_line(tmp_path, bundle):
         ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint at"),
         (["--limit=-1"], "limit=-1 cannot work: limit must be >= 0"),
         ([f"--results={tmp_path / 'no' / 'r.json'}"], "its folder does not exist"),
+        ([f"--results={tmp_path / 'notes.json'}"], f"results '{tmp_path / 'notes.json'}' is a file eval.py did not "
+                                                   f"write: replace it with --overwrite=True (once the evaluation"),
+        ([f"--results={tmp_path}"], f"results '{tmp_path}' is a folder: "),
     ]:
         proc = run("eval.py", "--device=cpu", f"--bundle={bundle}", *args, env=ONE_THREAD, check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         last = proc.stderr.strip().splitlines()
         assert len(last) == 1 and last[0].startswith("error: ") and message in last[0], proc.stderr
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
 
 
 # ----------------------------------------------------------------------------- train.py --eval_every
@@ -611,3 +618,20 @@ def test_train_scores_tasks_every_n_steps_and_refuses_char_data(tmp_path, bundle
                check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: the dataset is character-level"), proc.stderr
     assert proc.stderr.strip().endswith("or set --eval_every=0")
+
+
+def test_loss_png_draws_the_task_scores_under_the_losses(tmp_path):
+    from lib import metrics
+
+    curve = ([1, 2, 3], [3.0, 2.5, 2.0], [1e-3] * 3)
+    evals = [{"step": 3, "train_loss": 2.0, "val_loss": 2.1}]
+    fig = metrics.plot_losses(str(tmp_path / "a.png"), *curve, evals, 64, "plain")
+    assert [a.get_ylabel() for a in fig.axes if a.get_ylabel() in ("CORE", "mean centered\naccuracy")] == []
+    scores = [{"kind": "tasks", "step": 2, "core": 0.01, "mean_centered": 0.01},
+              {"kind": "tasks", "step": 3, "core": 0.03, "mean_centered": 0.03}]
+    for given, label, values in [(scores, "CORE", [0.01, 0.03]),
+                                 ([{**r, "core": None} for r in scores], "mean centered\naccuracy", [0.01, 0.03])]:
+        fig = metrics.plot_losses(str(tmp_path / "b.png"), *curve, evals, 64, "with scores", given)
+        (panel,) = [a for a in fig.axes if a.get_ylabel() == label]
+        assert list(panel.lines[0].get_xdata()) == [2, 3] and list(panel.lines[0].get_ydata()) == values
+        assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
