@@ -21,7 +21,7 @@ import torch
 from configurator import configure
 from lib import checkpoint
 from lib.chat import Chat, ChatTokenizer
-from lib.runtime import UserError, install_error_hook, setup
+from lib.runtime import UserError, for_decoding, install_error_hook, setup
 from sample import TextStream
 
 # ----------------------------------------------------------------------------- settings
@@ -35,7 +35,7 @@ temperature = 0.7  # 0 is greedy (the same reply every time)
 top_k = 50  # sample among the top_k likeliest tokens (0: all)
 seed = 1337
 device = "auto"
-dtype = "auto"
+dtype = "auto"  # as train.py's, but a CPU decodes models under 512 wide in float32 (runtime.for_decoding)
 # -----------------------------------------------------------------------------
 HELP = "type a message and press Enter; /reset starts over, /system TEXT sets the system message, /quit or Ctrl-D ends"
 
@@ -124,6 +124,7 @@ def main():
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
     tok = ChatTokenizer(meta)
     model.to(rt.device)
+    rt = for_decoding(rt, dtype, model.config.n_embd)
     conversation = Chat(model, tok, system)
     if prompt:
         tokens, seconds = reply(conversation, prompt, rt)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from configurator import configure
 from lib import checkpoint
 from lib.decode import Decoder
-from lib.runtime import UserError, install_error_hook, setup, why_not_compile
+from lib.runtime import UserError, for_decoding, install_error_hook, setup, why_not_compile
 from lib.tokenizer import load_tokenizer
 
 # ----------------------------------------------------------------------------- settings
@@ -43,7 +43,7 @@ progress = True  # a progress bar on stderr (when it is a terminal) while a samp
 progress_delay = 1.0  # seconds before the bar appears, so short samples print without one
 seed = 1337
 device = "auto"
-dtype = "auto"
+dtype = "auto"  # as train.py's, but a CPU decodes models under 512 wide in float32 (runtime.for_decoding)
 compile = False  # compile the one-token step (lib/decode.py): several times the tokens/s of a small model, after a
 #                  compile of a few seconds (more on a machine's first run); for long or many samples, and chat
 # -----------------------------------------------------------------------------
@@ -80,6 +80,7 @@ def main():
     # the model, and the vocabulary it was trained with
     model, meta = checkpoint.load_for_inference(init_from, out_dir, ckpt)
     model.to(rt.device)
+    rt = for_decoding(rt, dtype, model.config.n_embd)
     compiled = compile and why_not_compile(rt.device_type) is None
     if compile and not compiled:
         print(f"note: --compile=True skipped: torch.compile is {why_not_compile(rt.device_type)}", file=sys.stderr)

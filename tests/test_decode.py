@@ -138,3 +138,17 @@ def test_compiled_decoder_yields_generate_tokens_tokens():
         assert counters["stats"]["unique_graphs"] == 2
     finally:
         torch._dynamo.reset()
+
+
+def test_a_cpu_decodes_narrow_models_in_float32_under_auto():
+    from lib.runtime import Runtime, autocast, for_decoding
+
+    def runtime(device_type, dtype):
+        return Runtime(0, 0, 1, device_type, device_type, dtype, autocast(device_type, dtype))
+
+    narrow = for_decoding(runtime("cpu", "bfloat16"), "auto", n_embd=128)
+    assert narrow.dtype == "float32" and not isinstance(narrow.autocast, torch.autocast)
+    for rt, requested, n_embd in [(runtime("cpu", "bfloat16"), "bfloat16", 128),  # asked for: kept
+                                  (runtime("cpu", "bfloat16"), "auto", 768),  # wide: bfloat16 pays at batch 16
+                                  (runtime("cuda", "bfloat16"), "auto", 128)]:
+        assert for_decoding(rt, requested, n_embd) is rt
