@@ -172,11 +172,14 @@ def test_when_a_rank_dies_the_others_name_it_in_one_line(char_data, tmp_path):
     while time.time() < deadline and not (rank0_out() and "iter 3:" in rank0_out().read_text()):
         time.sleep(0.2)
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)  # rank 1 is gone (the kernel's OOM killer, a node failing)
+    killed = time.time()
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, out
     err = next(logs.rglob("0/stderr.log")).read_text()
     lines = [line for line in err.splitlines() if "Warning" not in line and "model = DDP(" not in line]
-    assert "Traceback" not in err and len(lines) == 1, err
+    seen = f"{err}\nrank 0's stdout:\n{rank0_out().read_text()[-2000:]}\ntorchrun:\n{out[-3000:]}\n" \
+           f"{time.time() - killed:.1f} s after the kill"
+    assert "Traceback" not in err and len(lines) == 1, seen
     assert re.fullmatch(r"\[rank0\]: error: rank 1 of this torchrun run stopped \(.*Connection (reset|closed) by "
                         r"peer.*\), so rank 0 stops too; rank 1's own output says why \(nothing if it was killed, e.g. "
                         r"for lack of memory\)", lines[0]), lines[0]
