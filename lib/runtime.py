@@ -3,6 +3,7 @@ Where and how a script runs: device, dtype and autocast, torch.compile, torchrun
 Shared by train.py, sample.py and bench.py.
 """
 
+import datetime
 import os
 import socket
 import sys
@@ -279,6 +280,7 @@ def lost_rank(exc):
     dead = []
     try:
         store, host = dist.distributed_c10d._get_default_store(), socket.gethostname()
+        store.set_timeout(datetime.timedelta(seconds=5))  # torchrun's store may be stopping too: never wait on it
         for r in range(world):
             if r != me and store.check([f"pid{r}"]):
                 their_host, pid = store.get(f"pid{r}").decode().split()
