@@ -31,10 +31,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from configurator import RULES, ArgumentParser, Rule, at_least
+from configurator import ArgumentParser, at_least
 from lib import chat
 from lib.batches import SPLITS, TRAIN_STEP, Batches, checkpoint_meta, load_meta, read_metadata
-from lib.corpus import _reason, in_batches, local_files, progress, validation_rows
+from lib.corpus import _reason, add_source_arguments, in_batches, local_files, progress, validation_rows
 from lib.dataset import BadInput, add_overwrite, claim, fail, token_dtype, write_dataset
 from lib.runtime import UserError
 
@@ -238,14 +238,8 @@ def parse_args(description, out_dir):
         return text.lower() == "true"
 
     p.add_argument("--data_files", nargs="+", metavar="PATH", help="local .jsonl or .parquet files, or folders")
-    p.add_argument("--hub_dataset", help="a dataset on the Hugging Face hub, e.g. HuggingFaceTB/smol-smoltalk")
-    p.add_argument("--name", help="the hub dataset's configuration (subset)")
-    p.add_argument("--revision", help="a branch, tag or commit of the hub dataset")
-    p.add_argument("--split", default="train", help="the hub dataset's split to train on")
-    p.add_argument("--val_split", help="the hub dataset's split to validate on (default: part of --split)")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="share of conversations that go to val",
-                   rule=Rule(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.01", 1.0))
-    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample", rule=RULES["seed"])
+    add_source_arguments(p, "a dataset on the Hugging Face hub, e.g. HuggingFaceTB/smol-smoltalk", "conversations",
+                         0.01)
     p.add_argument("--messages_field", default="messages", help="the column (or JSON key) holding the messages")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, a tokenizer.json, or a dataset folder or "
                    "checkpoint whose tokenizer to use (the model you will finetune)")

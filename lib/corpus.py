@@ -42,6 +42,19 @@ LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parqu
 SAMPLE_BY = {"file": "document", "paragraph": "paragraph", "line": "line"}  # --split_by -> the text builder's sample_by
 
 
+def add_source_arguments(p, hub_help, rows, val_fraction):
+    """The options of where the data comes from (a hub dataset) and how val is drawn from it, which every
+    corpus-style prepare shares (this module's and lib/chat_data.py's); rows: what one row is, for the help."""
+    p.add_argument("--hub_dataset", help=hub_help)
+    p.add_argument("--name", help="the hub dataset's configuration (subset)")
+    p.add_argument("--revision", help="a branch, tag or commit of the hub dataset")
+    p.add_argument("--split", default="train", help="the hub dataset's split to train on")
+    p.add_argument("--val_split", help="the hub dataset's split to validate on (default: part of --split)")
+    p.add_argument("--val_fraction", type=float, default=val_fraction, help=f"share of {rows} that go to val",
+                   rule=Rule(lambda v: 0 < v < 1, f"in (0, 1), e.g. {val_fraction:g}", 1.0))
+    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample", rule=RULES["seed"])
+
+
 def parse_args(description, out_dir, paths_positional=False, **defaults):
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if paths_positional:
@@ -50,14 +63,7 @@ def parse_args(description, out_dir, paths_positional=False, **defaults):
         p.add_argument("--data_files", nargs="+", metavar="PATH",
                        help="local .txt, .jsonl/.json or .parquet files or folders, instead of the hub dataset")
     p.add_argument("--out_dir", "--out", default=out_dir, help="where to write train.bin, val.bin, meta.json")
-    p.add_argument("--hub_dataset", help="a dataset on the Hugging Face hub")
-    p.add_argument("--name", help="the hub dataset's configuration (subset)")
-    p.add_argument("--revision", help="a branch, tag or commit of the hub dataset")
-    p.add_argument("--split", default="train", help="the hub dataset's split to train on")
-    p.add_argument("--val_split", help="the hub dataset's split to validate on (default: part of --split)")
-    p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents that go to val.bin",
-                   rule=Rule(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.0005", 1.0))
-    p.add_argument("--seed", type=int, default=2357, help="seed of the validation sample", rule=RULES["seed"])
+    add_source_arguments(p, "a dataset on the Hugging Face hub", "documents", 0.0005)
     p.add_argument("--text_field", default="text", help="the column holding the text (.jsonl, .parquet, hub)")
     p.add_argument("--split_by", choices=SAMPLE_BY, default="file", help="what one document is, in .txt files")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, char, or a tokenizer.json (data/train_tokenizer.py)",
