@@ -27,7 +27,7 @@ from collections import deque
 import torch
 
 from lib import files
-from lib.runtime import UserError, why_not_compile
+from lib.runtime import UserError, for_decoding, why_not_compile
 from lib.tokenizer import load_tokenizer
 
 METRICS, PLOT = "metrics.jsonl", "loss.png"
@@ -589,7 +589,8 @@ class RunLog:
         # the training RNG is untouched in effect, since every step reseeds it (step.seed_iteration)
         torch.manual_seed(self.c["seed"])
         x = torch.tensor(self.prompt_ids, dtype=torch.long, device=self.rt.device)[None]
-        with torch.no_grad(), self.rt.autocast:
+        decoding = for_decoding(self.rt, self.c.get("dtype", "auto"), self.gpt.config.n_embd)  # as sample.py decodes
+        with torch.no_grad(), decoding.autocast:
             y = self.gpt.generate(x, self.c["sample_tokens"], temperature=0.8, top_k=200,
                                   vocab_limit=self.tok.valid_vocab)
         self.gpt.train(was_training)
